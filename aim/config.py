@@ -1,0 +1,194 @@
+"""AIMConfig: what to merge before the LLM and what to prune inside it.
+
+The config is validated twice: on construction (ratios, step sizes, types) and
+when it is resolved against a model (`resolve(num_layers)`), where the schedule
+is checked against the model's depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+# Paper default: two merge steps, r = N/2 then N/4 of the original N (25% kept).
+DEFAULT_MERGE_SCHEDULE: tuple[float, ...] = (0.5, 0.25)
+PRUNE_MODES = ("remove", "mask")
+
+
+def merge_schedule_for_keep(merge_keep: float) -> tuple[float, ...]:
+    """Cumulative keep fractions that reach `merge_keep` halving at most per step.
+
+    0.25 -> (0.5, 0.25); 0.3 -> (0.5, 0.3); 0.1 -> (0.5, 0.25, 0.125, 0.1); 1.0 -> ().
+    """
+    if not 0.0 < merge_keep <= 1.0:
+        raise ValueError(f"merge_keep must be in (0, 1], got {merge_keep!r}")
+    steps: list[float] = []
+    keep = 1.0
+    while keep > merge_keep + 1e-12:
+        keep = max(keep / 2, merge_keep)
+        steps.append(keep)
+    return tuple(steps)
+
+
+def default_prune_start_end(num_layers: int) -> tuple[int, int]:
+    """Default schedule relative to depth: start pruning at half depth, no visual token
+    left from three quarters of depth on (28 layers: 14 and 21, as in the paper)."""
+    return num_layers // 2, (3 * num_layers) // 4
+
+
+@dataclass
+class AIMConfig:
+    """Configuration of AIM token merging (before the LLM) and pruning (inside it).
+
+    Args:
+        enabled: when False the patched model behaves exactly as the unpatched one.
+        merge_schedule: cumulative fractions of each frame's / crop's visual tokens
+            kept after each bipartite merge step, e.g. ``(0.5, 0.25)``. Each step may
+            remove at most half of the tokens present before it. Empty: no merging.
+        merge_keep: shortcut that builds `merge_schedule` with halving steps
+            (``merge_keep=0.25`` gives ``(0.5, 0.25)``). Overrides `merge_schedule`.
+        prune_start: first layer that sees fewer visual tokens (chosen from the
+            importance at layer ``prune_start - 1``). Default: half the depth.
+        prune_step: fraction of the LLM's visual tokens removed at each layer from
+            `prune_start` on. Default: ``1 / (end - start + 1)`` with end at three
+            quarters of depth (the paper's 12.5% for 28 layers).
+        prune_keep_ratios: explicit per-layer fractions of the visual tokens that
+            entered the LLM, one per decoder layer, non-increasing, first entry 1.0.
+            Overrides `prune_start` / `prune_step`.
+        prune: set False to disable pruning (merge only).
+        tau: PageRank softmax temperature (applied on top of 1/sqrt(d) scaling).
+        pagerank_iterations: power iterations of ``s = s @ M``.
+        prune_mode: ``"remove"`` physically drops pruned tokens (hidden states, RoPE,
+            masks, KV cache all shrink); ``"mask"`` only masks them as keys, the
+            reference the public AIM code uses. Useful for checking and comparisons.
+    """
+
+    enabled: bool = True
+    merge_schedule: tuple[float, ...] = DEFAULT_MERGE_SCHEDULE
+    merge_keep: float | None = None
+    prune: bool = True
+    prune_start: int | None = None
+    prune_step: float | None = None
+    prune_keep_ratios: tuple[float, ...] | None = None
+    tau: float = 0.1
+    pagerank_iterations: int = 5
+    prune_mode: str = "remove"
+
+    def __post_init__(self) -> None:
+        if self.merge_keep is not None:
+            self.merge_schedule = merge_schedule_for_keep(float(self.merge_keep))
+        self.merge_schedule = tuple(float(x) for x in self.merge_schedule)
+        previous = 1.0
+        for i, keep in enumerate(self.merge_schedule):
+            if not 0.0 < keep <= 1.0:
+                raise ValueError(f"merge_schedule[{i}] = {keep} must be in (0, 1]")
+            if keep > previous:
+                raise ValueError(f"merge_schedule must be non-increasing, got {self.merge_schedule}")
+            if keep < previous / 2 - 1e-9:
+                raise ValueError(
+                    f"merge step {i} keeps {keep} of the tokens after {previous}: a bipartite step can "
+                    f"remove at most half of the tokens present (allowed: >= {previous / 2:g}). "
+                    "Use more steps, e.g. merge_keep=<target> builds halving steps."
+                )
+            previous = keep
+        if self.prune_keep_ratios is not None:
+            self.prune_keep_ratios = tuple(float(x) for x in self.prune_keep_ratios)
+            _check_keep_ratios(self.prune_keep_ratios)
+            if self.prune_start is not None or self.prune_step is not None:
+                raise ValueError("give either prune_keep_ratios or prune_start/prune_step, not both")
+        if self.prune_start is not None and (not isinstance(self.prune_start, int) or self.prune_start < 1):
+            raise ValueError(
+                f"prune_start must be an integer >= 1 (layer 0 always sees every token, its importance "
+                f"picks the tokens of layer 1), got {self.prune_start!r}"
+            )
+        if self.prune_step is not None and not 0.0 < self.prune_step <= 1.0:
+            raise ValueError(f"prune_step must be in (0, 1], got {self.prune_step!r}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau!r}")
+        if not isinstance(self.pagerank_iterations, int) or self.pagerank_iterations < 1:
+            raise ValueError(f"pagerank_iterations must be an integer >= 1, got {self.pagerank_iterations!r}")
+        if self.prune_mode not in PRUNE_MODES:
+            raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {self.prune_mode!r}")
+
+    def replace(self, **overrides) -> "AIMConfig":
+        """A copy with some fields changed (validated again)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown AIM option(s) {unknown}; allowed: {sorted(names)}")
+        if "merge_schedule" in overrides and "merge_keep" not in overrides:
+            overrides["merge_keep"] = None
+        if ("prune_start" in overrides or "prune_step" in overrides) and "prune_keep_ratios" not in overrides:
+            overrides["prune_keep_ratios"] = None
+        if "prune_keep_ratios" in overrides and overrides["prune_keep_ratios"] is not None:
+            overrides.setdefault("prune_start", None)
+            overrides.setdefault("prune_step", None)
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if "merge_keep" not in overrides:
+            current["merge_keep"] = None  # merge_schedule already holds its effect
+        current.update(overrides)
+        return AIMConfig(**current)
+
+    def keep_ratios(self, num_layers: int) -> tuple[float, ...]:
+        """Per-layer fraction of the LLM's visual tokens each decoder layer sees."""
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if not self.prune:
+            return (1.0,) * num_layers
+        if self.prune_keep_ratios is not None:
+            if len(self.prune_keep_ratios) != num_layers:
+                raise ValueError(
+                    f"prune_keep_ratios has {len(self.prune_keep_ratios)} entries but the model has "
+                    f"{num_layers} decoder layers: give exactly one ratio per layer"
+                )
+            return self.prune_keep_ratios
+        start, end = default_prune_start_end(num_layers)
+        if self.prune_start is not None:
+            start = self.prune_start
+        if start >= num_layers:
+            raise ValueError(
+                f"prune_start={start} is past the model's last layer (the model has {num_layers} decoder "
+                f"layers, allowed prune_start: 1..{num_layers - 1})"
+            )
+        if start < 1:
+            raise ValueError(f"this model is too shallow to prune ({num_layers} layer(s)); set prune=False")
+        step = self.prune_step if self.prune_step is not None else 1.0 / max(end - start + 1, 1)
+        return tuple(1.0 if layer < start else max(0.0, 1.0 - (layer - start + 1) * step) for layer in range(num_layers))
+
+    def is_identity(self, num_layers: int) -> bool:
+        """True when this config changes nothing (no merging, every layer keeps every token)."""
+        return (not self.enabled) or (
+            all(k >= 1.0 for k in self.merge_schedule) and all(r >= 1.0 for r in self.keep_ratios(num_layers))
+        )
+
+    def check_depth(self, num_layers: int) -> None:
+        """Raise a clear error if the schedule does not fit a model of `num_layers` layers."""
+        self.keep_ratios(num_layers)
+
+
+def _check_keep_ratios(ratios: Sequence[float]) -> None:
+    if not ratios:
+        raise ValueError("prune_keep_ratios must not be empty")
+    for i, r in enumerate(ratios):
+        if not 0.0 <= r <= 1.0 or math.isnan(r):
+            raise ValueError(f"prune_keep_ratios[{i}] = {r} must be in [0, 1]")
+        if i and r > ratios[i - 1]:
+            raise ValueError(
+                f"prune_keep_ratios must be non-increasing (a pruned token cannot come back), "
+                f"but layer {i} has {r} > {ratios[i - 1]}"
+            )
+    if ratios[0] != 1.0:
+        raise ValueError(
+            "prune_keep_ratios[0] must be 1.0: layer 0 sees every token and its importance "
+            "selects the tokens of layer 1"
+        )
+
+
+def visual_tokens_kept(num_visual: int, fraction: float) -> int:
+    """How many of `num_visual` tokens a keep fraction leaves (round half up).
+
+    The one rounding rule shared by merging, pruning, stats and the FLOPs model.
+    """
+    return min(num_visual, int(math.floor(num_visual * fraction + 0.5)))

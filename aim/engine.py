@@ -1,0 +1,345 @@
+"""The LLM forward that merges and prunes visual tokens.
+
+It replaces the forward of the model's text decoder (``model.model.language_model``)
+while AIM is applied. Written for transformers 5.x decoder stacks (tested on 5.23):
+``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` returning ``(cos, sin)`` of shape
+``(batch, seq, head_dim)``, layers taking ``position_embeddings`` and a 4-D mask.
+
+Token bookkeeping lives in `TokenSet`: per prompt, the original position of every slot,
+whether it is valid (not padding, not removed) and whether it is visual. In
+``"remove"`` mode, removal compacts the slots into a shorter, left-padded tensor and
+every layer from there on runs on it; its KV cache holds only those slots. In
+``"mask"`` mode nothing is removed: removed tokens are masked as keys (the reference).
+Positions are always the original ones, so a decoding step continues where the full
+prompt would end, whatever was removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .config import AIMConfig
+from .dispatch import pagerank_importance
+from .layout import VisualLayout
+from .merge import merge_tokens
+from .prune import select_tokens, visual_keep_counts
+from .stats import AIMStats
+
+logger = logging.getLogger(__name__)
+
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
+_DROPPED_KWARGS = ("return_dict", "output_attentions", "output_hidden_states", "cache_position")
+
+
+@dataclass
+class CacheState:
+    """What a KV cache filled by AIM must remember: tokens seen in original positions and,
+    per layer, which of its cached slots are valid keys (``(batch, entries)`` bool)."""
+
+    seen_tokens: int
+    layer_valid: list[torch.Tensor]
+
+
+class TokenSet:
+    """The slots of the current chunk, ``(batch, width)`` each."""
+
+    def __init__(self, hidden, cos, sin, valid, visual, remove: bool):
+        batch, width = valid.shape
+        self.hidden, self.cos, self.sin = hidden, cos, sin
+        self.valid, self.visual = valid, visual
+        self.origin = torch.arange(width, device=valid.device).expand(batch, width)
+        self.remove = remove
+        self.compacted = False
+        self.finished = torch.zeros_like(hidden) if remove else None  # outputs of removed slots
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep only the slots where `keep` is True (text tokens are never passed as False)."""
+        if not self.remove:
+            self.valid = self.valid & keep
+            return
+        self._save_outputs()
+        counts = keep.sum(dim=1)
+        width = int(counts.max()) if counts.numel() else 0
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept slots first, in order
+        rank = torch.arange(width, device=keep.device) - (width - counts).unsqueeze(1)  # left padding
+        pad = rank < 0
+        gather = order.gather(1, rank.clamp_min(0)).masked_fill(pad, 0)
+        self.hidden = _take(self.hidden, gather)
+        self.cos, self.sin = _take(self.cos, gather), _take(self.sin, gather)
+        self.origin = self.origin.gather(1, gather)
+        self.visual = self.visual.gather(1, gather) & ~pad
+        self.valid = ~pad
+        self.compacted = True
+
+    def _save_outputs(self) -> None:
+        rows = torch.arange(self.valid.shape[0], device=self.valid.device).unsqueeze(1).expand_as(self.valid)
+        self.finished[rows[self.valid], self.origin[self.valid]] = self.hidden[self.valid]
+
+    def outputs(self) -> torch.Tensor:
+        """Hidden states in the chunk's original positions. Text tokens are exact; a removed
+        visual token reports the hidden state it had when it was removed."""
+        if not self.compacted:
+            return self.hidden
+        self._save_outputs()
+        return self.finished
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return tensor.gather(1, index.unsqueeze(-1).expand(*index.shape, tensor.shape[-1]))
+
+
+def attention_mask_4d(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``(batch, 1, query, key)`` mask: causal over slot order, invalid keys hidden.
+
+    The queries are the last `query_len` key slots. A finite minimum (not -inf) keeps rows
+    without any visible key (padding) finite in both eager and sdpa attention.
+    """
+    keys = key_valid.shape[1]
+    key_pos = torch.arange(keys, device=key_valid.device)
+    query_pos = torch.arange(keys - query_len, keys, device=key_valid.device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & key_valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+@contextlib.contextmanager
+def capture_query_key(layer: torch.nn.Module, store: dict):
+    """Record a decoder layer's query and key projections (pre-RoPE) during its forward."""
+    attn = layer.self_attn
+    handles = [
+        attn.q_proj.register_forward_hook(lambda m, i, o: store.__setitem__("q", o)),
+        attn.k_proj.register_forward_hook(lambda m, i, o: store.__setitem__("k", o)),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _heads_with_rope(states: torch.Tensor, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    batch, width, _ = states.shape
+    x = states.view(batch, width, -1, head_dim).transpose(1, 2)
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+def _seq_length_in_original_positions(cache, layer_idx: int = 0) -> int:
+    return cache._aim_state.seen_tokens
+
+
+class AIMTextForward:
+    """Callable installed as the text decoder's ``forward`` while AIM is applied."""
+
+    def __init__(self, text_model: torch.nn.Module, controller) -> None:
+        self.text_model = text_model
+        self.controller = controller
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        controller = self.controller
+        layout: VisualLayout | None = controller.take_layout()
+        config: AIMConfig = controller.config
+        model = self.text_model
+        num_layers = len(model.layers)
+        if config.is_identity(num_layers) and not _has_aim_state(past_key_values):
+            output = controller.original_text_forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            if layout is not None:
+                controller.last_stats = _unchanged_stats(layout, attention_mask, output, num_layers)
+            return output
+        for flag in _OUTPUT_FLAGS:
+            if kwargs.get(flag):
+                raise NotImplementedError(
+                    f"{flag}=True is not available while AIM removes tokens (layers see different "
+                    "sequence lengths); call remove_aim(model) or apply_aim(model, enabled=False) first"
+                )
+        layer_kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = model.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", True)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=model.config)
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            raise NotImplementedError(
+                f"AIM keeps a different number of tokens per layer and needs a DynamicCache; got "
+                f"{type(past_key_values).__name__} (static / sliding caches are not supported)"
+            )
+        batch, length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        state: CacheState | None = getattr(past_key_values, "_aim_state", None)
+        past_len = state.seen_tokens if state else (past_key_values.get_seq_length() if past_key_values else 0)
+
+        chunk_valid, past_valid = _split_padding_mask(attention_mask, batch, length, past_len, device)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + length, device=device).expand(batch, length)
+        rope_ids = position_ids[1:] if position_ids.ndim == 3 and position_ids.shape[0] == 4 else position_ids
+        cos, sin = model.rotary_emb(inputs_embeds, rope_ids)
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+
+        visual = layout.visual.to(device) & chunk_valid if layout is not None else torch.zeros_like(chunk_valid)
+        tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove")
+        visual_before = visual.sum(dim=1)
+        if layout is not None and config.enabled and config.merge_schedule:
+            tokens.hidden = tokens.hidden.clone()
+            tokens.keep(_merge_groups(tokens.hidden, layout.groups, config.merge_schedule, chunk_valid))
+        visual_in_llm = (tokens.valid & tokens.visual).sum(dim=1)
+        ratios = controller.keep_ratios if config.enabled else (1.0,) * num_layers
+        keep_counts = [visual_keep_counts(visual_in_llm, r) for r in ratios]
+
+        stats_rows: list[tuple[list[int], list[int], int]] = []
+        new_layer_valid: list[torch.Tensor] = []
+        mask_cache: dict = {}
+        captured: dict = {}
+        for idx, layer in enumerate(model.layers):
+            current = (tokens.valid & tokens.visual).sum(dim=1)
+            if idx > 0 and bool((keep_counts[idx] < current).any()):
+                if captured:
+                    head_dim = layer.self_attn.head_dim
+                    query = _heads_with_rope(captured["q"], head_dim, tokens.cos, tokens.sin)
+                    key = _heads_with_rope(captured["k"], head_dim, tokens.cos, tokens.sin)
+                    importance = pagerank_importance(
+                        query, key, tokens.valid, tau=config.tau, iterations=config.pagerank_iterations
+                    )
+                else:  # every visual token goes: no ranking needed
+                    importance = torch.zeros(tokens.valid.shape, device=device)
+                tokens.keep(select_tokens(importance, tokens.valid, tokens.visual, keep_counts[idx]))
+                current = keep_counts[idx]
+            captured = {}
+            wants_ranking = (
+                idx + 1 < num_layers
+                and bool((keep_counts[idx + 1] < current).any())
+                and bool((keep_counts[idx + 1] > 0).any())
+            )
+
+            layer_past = state.layer_valid[idx] if state else past_valid
+            key_valid = tokens.valid if layer_past is None else torch.cat([layer_past, tokens.valid], dim=1)
+            mask_key = (id(layer_past), id(tokens.valid))
+            if mask_key not in mask_cache:
+                mask_cache[mask_key] = attention_mask_4d(key_valid, tokens.valid.shape[1], tokens.hidden.dtype)
+            recorder = capture_query_key(layer, captured) if wants_ranking else contextlib.nullcontext()
+            with recorder:
+                out = layer(
+                    tokens.hidden,
+                    attention_mask=mask_cache[mask_key],
+                    position_embeddings=(tokens.cos, tokens.sin),
+                    past_key_values=past_key_values,
+                    use_cache=use_cache,
+                    **layer_kwargs,
+                )
+            tokens.hidden = out[0] if isinstance(out, tuple) else out
+            new_layer_valid.append(key_valid)
+            stats_rows.append(
+                (tokens.valid.sum(1).tolist(), (tokens.valid & tokens.visual).sum(1).tolist(), tokens.valid.shape[1])
+            )
+
+        hidden = model.norm(tokens.outputs())
+        if use_cache:
+            past_key_values._aim_state = CacheState(seen_tokens=past_len + length, layer_valid=new_layer_valid)
+            # generate() and Qwen2-VL's rope deltas read the cache length as a position:
+            # report it in original positions, not in this layer's (shorter) entry count.
+            past_key_values.get_seq_length = _seq_length_in_original_positions.__get__(past_key_values)
+        if layout is not None or state is None:
+            controller.last_stats = AIMStats(
+                input_tokens=chunk_valid.sum(1).tolist(),
+                visual_tokens_before_merge=visual_before.tolist(),
+                visual_tokens_after_merge=visual_in_llm.tolist(),
+                tokens_per_layer=[row[0] for row in stats_rows],
+                visual_tokens_per_layer=[row[1] for row in stats_rows],
+                sequence_length_per_layer=[row[2] for row in stats_rows],
+                kv_cache_entries_per_layer=_cache_entries(past_key_values) if use_cache else None,
+                mode=config.prune_mode,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+
+
+def _has_aim_state(cache) -> bool:
+    return cache is not None and getattr(cache, "_aim_state", None) is not None
+
+
+def _split_padding_mask(attention_mask, batch, length, past_len, device):
+    """The chunk's padding mask and, for a cache AIM did not fill, the cached part's."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device), None
+    if isinstance(attention_mask, dict) or attention_mask.ndim != 2:
+        raise ValueError(
+            "AIM builds its own attention masks and needs the 2-D padding mask (batch, sequence) "
+            f"as attention_mask; got {type(attention_mask).__name__} "
+            f"{tuple(attention_mask.shape) if hasattr(attention_mask, 'shape') else ''}"
+        )
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    if mask.shape[1] < length:
+        raise ValueError(f"attention_mask has {mask.shape[1]} columns, fewer than the {length} input tokens")
+    past = mask[:, : mask.shape[1] - length] if past_len else None
+    if past is not None and past.shape[1] != past_len:
+        past = torch.ones(batch, past_len, dtype=torch.bool, device=device)
+    return mask[:, mask.shape[1] - length :], past
+
+
+def _merge_groups(hidden, groups, schedule, valid) -> torch.Tensor:
+    """Merge each sample's frame / crop groups in place in `hidden`; return the slots that stay."""
+    keep = valid.clone()
+    for sample, sample_groups in enumerate(groups):
+        by_size: dict[int, list[torch.Tensor]] = {}
+        for positions in sample_groups:
+            if positions.numel() >= 2:
+                by_size.setdefault(positions.numel(), []).append(positions.to(hidden.device))
+        for positions in by_size.values():
+            stacked = torch.stack(positions)  # (groups, n)
+            merged = merge_tokens(hidden[sample, stacked], schedule)
+            survivors = stacked.gather(1, merged.index)
+            hidden[sample, survivors] = merged.features
+            keep[sample, stacked] = False
+            keep[sample, survivors] = True
+    return keep
+
+
+def _cache_entries(cache) -> list[int]:
+    return [int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None else 0 for layer in cache.layers]
+
+
+def _unchanged_stats(layout: VisualLayout, attention_mask, output, num_layers: int) -> AIMStats:
+    batch, length = layout.visual.shape
+    valid = attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool)
+    visual = (layout.visual.to(valid.device) & valid).sum(1).tolist()
+    tokens = valid.sum(1).tolist()
+    cache = output.past_key_values
+    return AIMStats(
+        input_tokens=tokens,
+        visual_tokens_before_merge=visual,
+        visual_tokens_after_merge=visual,
+        tokens_per_layer=[tokens] * num_layers,
+        visual_tokens_per_layer=[visual] * num_layers,
+        sequence_length_per_layer=[length] * num_layers,
+        kv_cache_entries_per_layer=_cache_entries(cache) if cache is not None else None,
+        mode="off",
+    )

@@ -1,0 +1,110 @@
+"""Where the visual tokens sit in the LLM input, and how they group into frames / crops.
+
+A model family describes its visual features as *merge groups*: index lists into the
+concatenated features of one modality (one group = one frame or one image crop, in
+spatial order; structural tokens such as LLaVA's image-newline belong to no group).
+The HF models write features into the placeholder positions in row-major order
+(``inputs_embeds.masked_scatter``), so feature ``i`` lands on the ``i``-th placeholder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class VisualLayout:
+    """Visual tokens of one LLM input chunk.
+
+    visual: ``(batch, seq)`` bool, placeholder positions of images and videos.
+    groups: per sample, 1-D tensors of sequence positions merged together (frames / crops).
+    """
+
+    visual: torch.Tensor
+    groups: list[list[torch.Tensor]] = field(default_factory=list)
+
+
+def chunk_groups(length: int, num_chunks: int) -> list[torch.Tensor]:
+    """Split ``[0, length)`` into `num_chunks` equal consecutive groups (frames)."""
+    if num_chunks < 1 or length % num_chunks:
+        raise ValueError(f"cannot split {length} visual features into {num_chunks} equal frames")
+    size = length // num_chunks
+    return [torch.arange(i * size, (i + 1) * size) for i in range(num_chunks)]
+
+
+def groups_without_markers(
+    features: torch.Tensor, marker: torch.Tensor | None, base_tokens: int | None = None
+) -> list[torch.Tensor]:
+    """Groups of one image's features ``(n, dim)`` that skip marker tokens (image newlines).
+
+    With `base_tokens`, the first `base_tokens` features (the base view of an any-resolution
+    image) form one group and the rest (the high-resolution grid) another.
+    """
+    n = features.shape[0]
+    keep = torch.ones(n, dtype=torch.bool)
+    if marker is not None:
+        keep = ~(features == marker.to(features.dtype)).all(dim=-1).cpu()
+    positions = torch.arange(n)
+    if base_tokens is None or base_tokens >= n:
+        parts = [positions[keep]]
+    else:
+        parts = [positions[:base_tokens][keep[:base_tokens]], positions[base_tokens:][keep[base_tokens:]]]
+    return [p for p in parts if p.numel()]
+
+
+def flatten_item_groups(items, item_groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Turn per-item groups (relative to each image / video) into indices of the concatenated
+    features. `items` are the features as the model will place them; when generation repeated
+    them (``num_return_sequences``, beams: ``[A, B] -> [A, B, A, B]``) the groups repeat too."""
+    items = list(items)
+    if not item_groups or len(items) % len(item_groups):
+        raise ValueError(
+            f"image-token count mismatch: {len(items)} visual feature blocks but {len(item_groups)} described"
+        )
+    item_groups = item_groups * (len(items) // len(item_groups))
+    groups, start = [], 0
+    for item, relative in zip(items, item_groups):
+        groups.extend(g + start for g in relative)
+        start += item.shape[0]
+    return groups
+
+
+def build_layout(
+    input_ids: torch.Tensor, token_groups: list[tuple[int, list[torch.Tensor]]]
+) -> VisualLayout:
+    """Place recorded feature groups on the sequence.
+
+    Args:
+        input_ids: ``(batch, seq)`` token ids of the chunk.
+        token_groups: per modality, ``(placeholder_token_id, groups)`` with groups of
+            feature indices as recorded from the model's feature functions.
+    """
+    batch = input_ids.shape[0]
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    groups: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+    for token_id, feature_groups in token_groups:
+        is_token = input_ids == token_id
+        visual |= is_token
+        if not feature_groups:
+            continue
+        placeholders = is_token.nonzero()  # row-major, the order masked_scatter fills
+        count = placeholders.shape[0]
+        for group in feature_groups:
+            if group.numel() == 0:
+                continue
+            if int(group.max()) >= count:
+                raise ValueError(
+                    f"image-token count mismatch: the model produced more visual features than the "
+                    f"{count} placeholder tokens (id {token_id}) in input_ids"
+                )
+            where = placeholders[group.to(placeholders.device)]
+            samples = where[:, 0].unique()
+            if samples.numel() != 1:
+                raise ValueError(
+                    "image-token count mismatch: one image/frame's features span two prompts of the batch; "
+                    f"each prompt must hold exactly as many placeholder tokens (id {token_id}) as its images give features"
+                )
+            groups[int(samples)].append(where[:, 1])
+    return VisualLayout(visual=visual, groups=groups)

@@ -1,0 +1,92 @@
+"""Bipartite soft matching (ToMe, arXiv 2210.09461) with size tracking.
+
+Works on groups of visual tokens of equal length (one group = one frame or one
+image crop), batched as ``(groups, tokens, dim)``. Surviving tokens keep their
+original order, and each carries the original position of its destination
+token, so a merged token takes its destination token's position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import visual_tokens_kept
+
+
+def best_match_reference(set_a: torch.Tensor, set_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each token of `set_a` its most cosine-similar token of `set_b`.
+
+    Args:
+        set_a: ``(groups, Na, dim)``. set_b: ``(groups, Nb, dim)``, ``Nb >= 1``.
+    Returns:
+        ``(best_score, best_index)``, each ``(groups, Na)``; scores in float32.
+    """
+    a = set_a.float()
+    b = set_b.float()
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (a @ b.transpose(-1, -2)).max(dim=-1)
+
+
+@dataclass
+class MergedTokens:
+    """Result of merging: tokens in original order with their sizes and source positions."""
+
+    features: torch.Tensor  # (groups, n_kept, dim)
+    sizes: torch.Tensor  # (groups, n_kept) how many original tokens each one stands for
+    index: torch.Tensor  # (groups, n_kept) original position (within the group) of each survivor
+
+
+def merge_step(
+    features: torch.Tensor, sizes: torch.Tensor, index: torch.Tensor, num_merge: int
+) -> MergedTokens:
+    """One bipartite step: merge the `num_merge` A-tokens (even positions) that best
+    match a B-token (odd positions) into that B-token, as a size-weighted mean."""
+    groups, n, dim = features.shape
+    if num_merge <= 0:
+        return MergedTokens(features, sizes, index)
+    num_a = (n + 1) // 2
+    if n < 2 or num_merge > num_a:
+        raise ValueError(f"cannot merge {num_merge} of {n} tokens in one bipartite step (at most {num_a}, n >= 2)")
+    from .dispatch import best_match  # local: dispatch imports kernels lazily
+
+    feat_a, feat_b = features[:, ::2], features[:, 1::2]
+    score, partner = best_match(feat_a, feat_b)
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    merged_a, kept_a = order[:, :num_merge], order[:, num_merge:]
+
+    weighted = features.float() * sizes.unsqueeze(-1)
+    w_a, w_b = weighted[:, ::2], weighted[:, 1::2]
+    s_a, s_b = sizes[:, ::2], sizes[:, 1::2]
+    dst = partner.gather(1, merged_a)
+    w_b = w_b.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, dim), w_a.gather(1, merged_a.unsqueeze(-1).expand(-1, -1, dim)))
+    s_b = s_b.scatter_add(1, dst, s_a.gather(1, merged_a))
+
+    keep_a_sorted = kept_a.sort(dim=-1).values
+    out_w = torch.cat([w_a.gather(1, keep_a_sorted.unsqueeze(-1).expand(-1, -1, dim)), w_b], dim=1)
+    out_s = torch.cat([s_a.gather(1, keep_a_sorted), s_b], dim=1)
+    out_i = torch.cat([index[:, ::2].gather(1, keep_a_sorted), index[:, 1::2]], dim=1)
+    restore = out_i.argsort(dim=-1)  # back to the original order
+    out_i = out_i.gather(1, restore)
+    out_s = out_s.gather(1, restore)
+    out_w = out_w.gather(1, restore.unsqueeze(-1).expand(-1, -1, dim))
+    return MergedTokens((out_w / out_s.unsqueeze(-1)).to(features.dtype), out_s, out_i)
+
+
+def merge_tokens(features: torch.Tensor, schedule: Sequence[float]) -> MergedTokens:
+    """Merge each group of `features` ``(groups, n, dim)`` down the cumulative keep
+    fractions of `schedule` (fractions of the original ``n``), one bipartite step each."""
+    groups, n, _ = features.shape
+    sizes = torch.ones(groups, n, dtype=torch.float32, device=features.device)
+    index = torch.arange(n, device=features.device).expand(groups, n)
+    merged = MergedTokens(features, sizes, index)
+    for keep in schedule:
+        current = merged.features.shape[1]
+        target = max(1, visual_tokens_kept(n, keep))
+        # rounding can ask for a hair more than half; a step never removes more than set A holds
+        num_merge = min(current - target, (current + 1) // 2 if current > 1 else 0)
+        merged = merge_step(merged.features, merged.sizes, merged.index, num_merge)
+    return merged

@@ -1,0 +1,72 @@
+"""PageRank importance over a layer's attention, and the choice of visual tokens to keep.
+
+Importance (DESIGN.md section 1): per head ``M = softmax(q k^T / sqrt(d) / tau)``
+with a causal mask, ``s = 1/N``, five times ``s = s @ M``, heads combined by RMS.
+Only valid tokens take part: padding and already-removed tokens are masked as
+keys and start with zero mass, so a padded batch scores each prompt as if alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import visual_tokens_kept
+
+
+def pagerank_importance_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor,
+    tau: float = 0.1,
+    iterations: int = 5,
+) -> torch.Tensor:
+    """Dense PageRank importance from one layer's post-RoPE query and key states.
+
+    Args:
+        query: ``(batch, heads, N, head_dim)``.
+        key: ``(batch, kv_heads, N, head_dim)``; ``heads`` a multiple of ``kv_heads`` (GQA).
+        valid: ``(batch, N)`` bool, tokens taking part (others get importance 0).
+        tau: softmax temperature on top of the ``1/sqrt(head_dim)`` scaling.
+        iterations: power iterations ``s = s @ M``.
+    Returns:
+        ``(batch, N)`` float32 importance, RMS over heads.
+    """
+    batch, heads, n, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
+    key = key.repeat_interleave(heads // kv_heads, dim=1)
+    logits = (query.float() @ key.float().transpose(-1, -2)) * (head_dim**-0.5 / tau)
+    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    allowed = causal & valid[:, None, None, :] & valid[:, None, :, None]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    # rows of invalid queries are all -inf: softmax gives NaN there, and they carry no mass anyway
+    attention = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    mass = valid.float() / valid.float().sum(-1, keepdim=True).clamp_min(1.0)
+    scores = mass[:, None, :].expand(batch, heads, n)
+    for _ in range(iterations):
+        scores = (scores.unsqueeze(-2) @ attention).squeeze(-2)
+    return scores.pow(2).mean(dim=1).sqrt()
+
+
+def visual_keep_counts(num_visual: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Per-sample number of visual tokens a layer keeps, from the visual tokens that entered the LLM."""
+    return torch.tensor(
+        [visual_tokens_kept(int(n), keep_ratio) for n in num_visual.tolist()], device=num_visual.device
+    )
+
+
+def select_tokens(
+    importance: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor, keep_visual: torch.Tensor
+) -> torch.Tensor:
+    """Keep every valid text token and the `keep_visual[b]` most important visual tokens.
+
+    Returns a ``(batch, N)`` bool mask of tokens that stay.
+    """
+    candidates = valid & visual
+    ranked = importance.float().masked_fill(~candidates, float("-inf"))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    top = rank < keep_visual.unsqueeze(-1)
+    return valid & (~visual | (top & candidates))

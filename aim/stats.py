@@ -1,0 +1,49 @@
+"""What the last prefill did: tokens merged, tokens per layer, KV-cache entries per layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class AIMStats:
+    """Counts from the last forward that carried a prompt (prefill), per sample of the batch.
+
+    Attributes:
+        input_tokens: tokens of each prompt (padding excluded) as given to the model.
+        visual_tokens_before_merge / visual_tokens_after_merge: visual tokens of each prompt
+            before merging and as they entered the LLM.
+        tokens_per_layer: ``[layer][sample]`` tokens each decoder layer processed for each prompt.
+        visual_tokens_per_layer: ``[layer][sample]`` of those, how many were visual.
+        sequence_length_per_layer: ``[layer]`` length of the hidden-state tensor each layer ran on
+            (the batch's longest prompt after removal; with ``prune_mode="mask"`` it never shrinks).
+        kv_cache_entries_per_layer: ``[layer]`` key/value positions held by each layer's cache
+            after the prefill (read from the cache itself), or None without a cache.
+        mode: ``"remove"``, ``"mask"`` or ``"off"``.
+    """
+
+    input_tokens: list[int]
+    visual_tokens_before_merge: list[int]
+    visual_tokens_after_merge: list[int]
+    tokens_per_layer: list[list[int]]
+    visual_tokens_per_layer: list[list[int]]
+    sequence_length_per_layer: list[int]
+    kv_cache_entries_per_layer: list[int] | None
+    mode: str
+
+    def as_dict(self) -> dict:
+        """Plain-dict form (JSON-ready)."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few readable lines for logs and the demo."""
+        lines = [
+            f"mode={self.mode} input tokens={self.input_tokens}",
+            f"visual tokens: {self.visual_tokens_before_merge} -> {self.visual_tokens_after_merge} entering the LLM",
+            "tokens per layer (sample 0): " + " ".join(str(t[0]) for t in self.tokens_per_layer),
+        ]
+        if self.kv_cache_entries_per_layer is not None:
+            lines.append(
+                "KV-cache entries per layer: " + " ".join(str(k) for k in self.kv_cache_entries_per_layer)
+            )
+        return "\n".join(lines)
