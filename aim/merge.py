@@ -76,6 +76,23 @@ def merge_step(
     return MergedTokens((out_w / out_s.unsqueeze(-1)).to(features.dtype), out_s, out_i)
 
 
+def merge_counts(num_tokens: int, schedule: Sequence[float]) -> list[int]:
+    """Tokens merged away at each step for a group of `num_tokens` (shared with the FLOPs model)."""
+    counts, current = [], num_tokens
+    for keep in schedule:
+        target = max(1, visual_tokens_kept(num_tokens, keep))
+        # rounding can ask for a hair more than half; a step never removes more than set A holds
+        num_merge = max(0, min(current - target, (current + 1) // 2 if current > 1 else 0))
+        counts.append(num_merge)
+        current -= num_merge
+    return counts
+
+
+def merged_token_count(num_tokens: int, schedule: Sequence[float]) -> int:
+    """Tokens left of a group of `num_tokens` after merging down `schedule`."""
+    return num_tokens - sum(merge_counts(num_tokens, schedule))
+
+
 def merge_tokens(features: torch.Tensor, schedule: Sequence[float]) -> MergedTokens:
     """Merge each group of `features` ``(groups, n, dim)`` down the cumulative keep
     fractions of `schedule` (fractions of the original ``n``), one bipartite step each."""
@@ -83,10 +100,6 @@ def merge_tokens(features: torch.Tensor, schedule: Sequence[float]) -> MergedTok
     sizes = torch.ones(groups, n, dtype=torch.float32, device=features.device)
     index = torch.arange(n, device=features.device).expand(groups, n)
     merged = MergedTokens(features, sizes, index)
-    for keep in schedule:
-        current = merged.features.shape[1]
-        target = max(1, visual_tokens_kept(n, keep))
-        # rounding can ask for a hair more than half; a step never removes more than set A holds
-        num_merge = min(current - target, (current + 1) // 2 if current > 1 else 0)
+    for num_merge in merge_counts(n, schedule):
         merged = merge_step(merged.features, merged.sizes, merged.index, num_merge)
     return merged
