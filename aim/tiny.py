@@ -88,9 +88,9 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _build_config(family: str, num_layers: int, hidden_size: int) -> tf.PreTrainedConfig:
+def _build_config(family: str, num_layers: int, hidden_size: int, image_size: int | None) -> tf.PreTrainedConfig:
     text = _text_kwargs(num_layers, hidden_size)
-    size = LLAVA_IMAGE_SIZE.get(family)
+    size = image_size or LLAVA_IMAGE_SIZE.get(family)
     if family == "llava":
         n_tokens = (size // LLAVA_PATCH) ** 2
         return tf.LlavaConfig(
@@ -151,6 +151,7 @@ def build_tiny_model(
     seed: int = 0,
     hidden_size: int = 64,
     dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
 ) -> PreTrainedModel:
     """Build a tiny, randomly initialised ForConditionalGeneration model of ``family``.
 
@@ -161,13 +162,17 @@ def build_tiny_model(
         seed: ``torch.manual_seed`` used before initialisation, so the weights are deterministic.
         hidden_size: text hidden size (multiple of 8); the vision towers are fixed at width 32.
         dtype: parameter dtype.
+        image_size: vision input resolution of the llava families (patch size 8), e.g. 224 gives
+            28x28 patches, pooled to 14x14 = 196 tokens per video frame as in LLaVA-OneVision.
 
     Returns:
         The model in eval mode, on CPU.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    config = _build_config(family, num_layers, hidden_size)
+    if image_size is not None and (family in QWEN_FAMILIES or image_size % (2 * LLAVA_PATCH)):
+        raise ValueError(f"image_size applies to the llava families and must be a multiple of {2 * LLAVA_PATCH}")
+    config = _build_config(family, num_layers, hidden_size, image_size)
     for name, value in _TOKEN_IDS.items():
         setattr(config, name, value)
     torch.manual_seed(seed)
