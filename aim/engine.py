@@ -45,6 +45,44 @@ class CacheState:
     seen_tokens: int
     layer_valid: list[torch.Tensor]
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.layer_valid = [v.index_select(0, index.to(v.device)) for v in self.layer_valid]
+
+    def repeat_rows(self, repeats: int) -> None:
+        self.layer_valid = [v.repeat_interleave(repeats, dim=0) for v in self.layer_valid]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # transformers only crops from the end (negative counts): the same decoded tokens in every layer
+        if tokens_to_remove < 0:
+            self.layer_valid = [v[:, :tokens_to_remove] for v in self.layer_valid]
+            self.seen_tokens += tokens_to_remove
+
+
+def track_cache(cache: DynamicCache, state: CacheState) -> None:
+    """Attach `state` to `cache` and keep it in step with the cache's own batch edits
+    (beam reordering, batch expansion, cropping). Its length is reported in original positions:
+    generate() and Qwen2-VL's rope deltas read it as a position, not as an entry count."""
+    first_time = "_aim_state" not in cache.__dict__
+    cache._aim_state = state
+    if not first_time:
+        return
+    for name, adjust in (
+        ("reorder_cache", CacheState.select_rows),
+        ("batch_select_indices", CacheState.select_rows),
+        ("batch_repeat_interleave", CacheState.repeat_rows),
+        ("crop", CacheState.crop),
+    ):
+        cache.__dict__[name] = _follow(getattr(cache, name), adjust, cache)
+    cache.get_seq_length = lambda layer_idx=0: cache._aim_state.seen_tokens
+
+
+def _follow(method, adjust, cache):
+    def edit(*args, **kwargs):
+        method(*args, **kwargs)
+        adjust(cache._aim_state, *args, **kwargs)
+
+    return edit
+
 
 class TokenSet:
     """The slots of the current chunk, ``(batch, width)`` each."""
@@ -132,10 +170,6 @@ def _heads_with_rope(states: torch.Tensor, head_dim: int, cos: torch.Tensor, sin
     batch, width, _ = states.shape
     x = states.view(batch, width, -1, head_dim).transpose(1, 2)
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
-
-
-def _seq_length_in_original_positions(cache, layer_idx: int = 0) -> int:
-    return cache._aim_state.seen_tokens
 
 
 class AIMTextForward:
@@ -264,10 +298,7 @@ class AIMTextForward:
 
         hidden = model.norm(tokens.outputs())
         if use_cache:
-            past_key_values._aim_state = CacheState(seen_tokens=past_len + length, layer_valid=new_layer_valid)
-            # generate() and Qwen2-VL's rope deltas read the cache length as a position:
-            # report it in original positions, not in this layer's (shorter) entry count.
-            past_key_values.get_seq_length = _seq_length_in_original_positions.__get__(past_key_values)
+            track_cache(past_key_values, CacheState(seen_tokens=past_len + length, layer_valid=new_layer_valid))
         if layout is not None or state is None:
             controller.last_stats = AIMStats(
                 input_tokens=chunk_valid.sum(1).tolist(),

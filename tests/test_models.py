@@ -155,6 +155,21 @@ def test_padded_batch_equals_each_prompt_alone(family, kind):
         assert together[i].tolist() == alone_ids[0].tolist()
 
 
+@pytest.mark.parametrize("family, kind", [("llava_onevision", "video"), ("qwen2_vl", "image")])
+def test_beam_search_batch_equals_each_prompt_alone(family, kind):
+    model = tiny(family)
+    apply_aim(model, **PRUNING)
+    beams = dict(GREEDY, num_beams=3, num_return_sequences=2)
+    batch = make_inputs(model, kind=kind, batch_size=2, text_lengths=(3, 11), seed=3)
+    with torch.no_grad():
+        together = model.generate(**batch, **beams)[:, -8:]
+    for i, length in enumerate((3, 11)):
+        alone = make_inputs(model, kind=kind, batch_size=1, text_lengths=(length,), seed=3, first_sample=i)
+        with torch.no_grad():
+            alone_ids = model.generate(**alone, **beams)[:, -8:]
+        assert together[2 * i : 2 * i + 2].tolist() == alone_ids.tolist()
+
+
 def test_sampling_generates():
     model = tiny("llava_onevision")
     apply_aim(model)
@@ -214,3 +229,27 @@ def test_unsupported_runtime_options_are_errors():
             apply_aim(model)
     finally:
         model.model.language_model.config._attn_implementation = "sdpa"
+
+
+def test_cache_edits_keep_the_per_layer_masks_in_step():
+    model = tiny("llava_onevision")
+    apply_aim(model, **PRUNING)
+    inputs = make_inputs(model, kind="video", batch_size=2, text_lengths=(3, 8))
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    state = cache._aim_state
+    prompt = inputs["input_ids"].shape[1]
+    assert cache.get_seq_length() == prompt  # original positions, not layer 0's entry count
+
+    def in_step():
+        masks = [tuple(v.shape) for v in state.layer_valid]
+        return masks == [(layer.keys.shape[0], layer.keys.shape[2]) for layer in cache.layers]
+
+    assert in_step()
+    row1 = [v[1].clone() for v in state.layer_valid]
+    cache.batch_select_indices(torch.tensor([1]))
+    assert [v[0].tolist() for v in state.layer_valid] == [r.tolist() for r in row1] and in_step()
+    cache.batch_repeat_interleave(2)
+    assert state.layer_valid[0].shape[0] == 2 and in_step()
+    cache.crop(-3)
+    assert cache.get_seq_length() == prompt - 3 and in_step()
