@@ -28,7 +28,8 @@ from .config import AIMConfig
 from .dispatch import pagerank_importance
 from .layout import VisualLayout
 from .merge import merge_tokens
-from .prune import select_tokens, visual_keep_counts
+from .config import visual_tokens_kept
+from .prune import select_tokens
 from .stats import AIMStats
 
 logger = logging.getLogger(__name__)
@@ -93,11 +94,13 @@ class TokenSet:
         self.valid, self.visual = valid, visual
         self.origin = torch.arange(width, device=valid.device).expand(batch, width)
         self.remove = remove
+        self.version = 0  # bumped whenever the slots change
         self.compacted = False
         self.finished = torch.zeros_like(hidden) if remove else None  # outputs of removed slots
 
     def keep(self, keep: torch.Tensor) -> None:
         """Keep only the slots where `keep` is True (text tokens are never passed as False)."""
+        self.version += 1
         if not self.remove:
             self.valid = self.valid & keep
             return
@@ -246,45 +249,49 @@ class AIMTextForward:
         if layout is not None and config.enabled and config.merge_schedule:
             tokens.hidden = tokens.hidden.clone()
             tokens.keep(_merge_groups(tokens.hidden, layout.groups, config.merge_schedule, chunk_valid))
-        visual_in_llm = (tokens.valid & tokens.visual).sum(dim=1)
+        # counts live on the host: one device sync here, none per layer (decoding has no visual tokens)
+        visual_counts = (tokens.valid & tokens.visual).sum(dim=1).tolist()
+        text_counts = (tokens.valid & ~tokens.visual).sum(dim=1).tolist()
         ratios = controller.keep_ratios if config.enabled else (1.0,) * num_layers
-        keep_counts = [visual_keep_counts(visual_in_llm, r) for r in ratios]
+        targets = [[visual_tokens_kept(n, ratio) for n in visual_counts] for ratio in ratios]
+
+        def fewer(layer_idx: int, counts: list[int]) -> bool:
+            return any(t < c for t, c in zip(targets[layer_idx], counts))
 
         stats_rows: list[tuple[list[int], list[int], int]] = []
         new_layer_valid: list[torch.Tensor] = []
-        mask_cache: dict = {}
+        masks: dict = {}  # (layout version, cached part) -> (key validity, 4-D mask), shared by layers
         captured: dict = {}
+        current = visual_counts
         for idx, layer in enumerate(model.layers):
-            current = (tokens.valid & tokens.visual).sum(dim=1)
-            if idx > 0 and bool((keep_counts[idx] < current).any()):
+            if idx > 0 and fewer(idx, current):
                 if captured:
-                    head_dim = layer.self_attn.head_dim
-                    query = _heads_with_rope(captured["q"], head_dim, tokens.cos, tokens.sin)
-                    key = _heads_with_rope(captured["k"], head_dim, tokens.cos, tokens.sin)
+                    query = _heads_with_rope(captured["q"], captured["head_dim"], tokens.cos, tokens.sin)
+                    key = _heads_with_rope(captured["k"], captured["head_dim"], tokens.cos, tokens.sin)
                     importance = pagerank_importance(
                         query, key, tokens.valid, tau=config.tau, iterations=config.pagerank_iterations
                     )
                 else:  # every visual token goes: no ranking needed
                     importance = torch.zeros(tokens.valid.shape, device=device)
-                tokens.keep(select_tokens(importance, tokens.valid, tokens.visual, keep_counts[idx]))
-                current = keep_counts[idx]
+                keep_visual = torch.tensor(targets[idx], device=device)
+                tokens.keep(select_tokens(importance, tokens.valid, tokens.visual, keep_visual))
+                current = targets[idx]
             captured = {}
-            wants_ranking = (
-                idx + 1 < num_layers
-                and bool((keep_counts[idx + 1] < current).any())
-                and bool((keep_counts[idx + 1] > 0).any())
-            )
+            wants_ranking = idx + 1 < num_layers and fewer(idx + 1, current) and any(targets[idx + 1])
 
             layer_past = state.layer_valid[idx] if state else past_valid
-            key_valid = tokens.valid if layer_past is None else torch.cat([layer_past, tokens.valid], dim=1)
-            mask_key = (id(layer_past), id(tokens.valid))
-            if mask_key not in mask_cache:
-                mask_cache[mask_key] = attention_mask_4d(key_valid, tokens.valid.shape[1], tokens.hidden.dtype)
+            mask_key = (tokens.version, id(layer_past))  # layer_past stays referenced: ids are stable
+            if mask_key not in masks:
+                key_valid = tokens.valid if layer_past is None else torch.cat([layer_past, tokens.valid], dim=1)
+                masks[mask_key] = (key_valid, attention_mask_4d(key_valid, tokens.valid.shape[1], tokens.hidden.dtype))
+            key_valid, mask = masks[mask_key]
+            if wants_ranking:
+                captured["head_dim"] = layer.self_attn.head_dim
             recorder = capture_query_key(layer, captured) if wants_ranking else contextlib.nullcontext()
             with recorder:
                 out = layer(
                     tokens.hidden,
-                    attention_mask=mask_cache[mask_key],
+                    attention_mask=mask,
                     position_embeddings=(tokens.cos, tokens.sin),
                     past_key_values=past_key_values,
                     use_cache=use_cache,
@@ -292,9 +299,7 @@ class AIMTextForward:
                 )
             tokens.hidden = out[0] if isinstance(out, tuple) else out
             new_layer_valid.append(key_valid)
-            stats_rows.append(
-                (tokens.valid.sum(1).tolist(), (tokens.valid & tokens.visual).sum(1).tolist(), tokens.valid.shape[1])
-            )
+            stats_rows.append(([t + v for t, v in zip(text_counts, current)], list(current), tokens.valid.shape[1]))
 
         hidden = model.norm(tokens.outputs())
         if use_cache:
@@ -303,7 +308,7 @@ class AIMTextForward:
             controller.last_stats = AIMStats(
                 input_tokens=chunk_valid.sum(1).tolist(),
                 visual_tokens_before_merge=visual_before.tolist(),
-                visual_tokens_after_merge=visual_in_llm.tolist(),
+                visual_tokens_after_merge=visual_counts,
                 tokens_per_layer=[row[0] for row in stats_rows],
                 visual_tokens_per_layer=[row[1] for row in stats_rows],
                 sequence_length_per_layer=[row[2] for row in stats_rows],
