@@ -1,0 +1,126 @@
+"""Token bookkeeping for the engine: the slots of a chunk, their masks, and the KV-cache state.
+
+`TokenSet` holds, per prompt, the original position of every slot, whether it is valid (not
+padding, not removed) and whether it is visual. In ``"remove"`` mode, removal compacts the
+slots into a shorter, left-padded tensor; in ``"mask"`` mode they are only marked invalid.
+`CacheState` remembers, per layer, which cached entries are valid keys, so decoding steps
+attend to exactly what each layer kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+
+@dataclass
+class CacheState:
+    """What a KV cache filled by AIM must remember: tokens seen in original positions and,
+    per layer, which of its cached slots are valid keys (``(batch, entries)`` bool)."""
+
+    seen_tokens: int
+    layer_valid: list[torch.Tensor]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.layer_valid = [v.index_select(0, index.to(v.device)) for v in self.layer_valid]
+
+    def repeat_rows(self, repeats: int) -> None:
+        self.layer_valid = [v.repeat_interleave(repeats, dim=0) for v in self.layer_valid]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # transformers only crops from the end (negative counts): the same decoded tokens in every layer
+        if tokens_to_remove < 0:
+            self.layer_valid = [v[:, :tokens_to_remove] for v in self.layer_valid]
+            self.seen_tokens += tokens_to_remove
+
+
+def track_cache(cache: DynamicCache, state: CacheState) -> None:
+    """Attach `state` to `cache` and keep it in step with the cache's own batch edits
+    (beam reordering, batch expansion, cropping). Its length is reported in original positions:
+    generate() and Qwen2-VL's rope deltas read it as a position, not as an entry count."""
+    first_time = "_aim_state" not in cache.__dict__
+    cache._aim_state = state
+    if not first_time:
+        return
+    for name, adjust in (
+        ("reorder_cache", CacheState.select_rows),
+        ("batch_select_indices", CacheState.select_rows),
+        ("batch_repeat_interleave", CacheState.repeat_rows),
+        ("crop", CacheState.crop),
+    ):
+        cache.__dict__[name] = _follow(getattr(cache, name), adjust, cache)
+    cache.get_seq_length = lambda layer_idx=0: cache._aim_state.seen_tokens
+
+
+def _follow(method, adjust, cache):
+    def edit(*args, **kwargs):
+        method(*args, **kwargs)
+        adjust(cache._aim_state, *args, **kwargs)
+
+    return edit
+
+
+class TokenSet:
+    """The slots of the current chunk, ``(batch, width)`` each."""
+
+    def __init__(self, hidden, cos, sin, valid, visual, remove: bool):
+        batch, width = valid.shape
+        self.hidden, self.cos, self.sin = hidden, cos, sin
+        self.valid, self.visual = valid, visual
+        self.origin = torch.arange(width, device=valid.device).expand(batch, width)
+        self.remove = remove
+        self.version = 0  # bumped whenever the slots change
+        self.compacted = False
+        self.finished = torch.zeros_like(hidden) if remove else None  # outputs of removed slots
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep only the slots where `keep` is True (text tokens are never passed as False)."""
+        self.version += 1
+        if not self.remove:
+            self.valid = self.valid & keep
+            return
+        self._save_outputs()
+        counts = keep.sum(dim=1)
+        width = int(counts.max()) if counts.numel() else 0
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept slots first, in order
+        rank = torch.arange(width, device=keep.device) - (width - counts).unsqueeze(1)  # left padding
+        pad = rank < 0
+        gather = order.gather(1, rank.clamp_min(0)).masked_fill(pad, 0)
+        self.hidden = _take(self.hidden, gather)
+        self.cos, self.sin = _take(self.cos, gather), _take(self.sin, gather)
+        self.origin = self.origin.gather(1, gather)
+        self.visual = self.visual.gather(1, gather) & ~pad
+        self.valid = ~pad
+        self.compacted = True
+
+    def _save_outputs(self) -> None:
+        rows = torch.arange(self.valid.shape[0], device=self.valid.device).unsqueeze(1).expand_as(self.valid)
+        self.finished[rows[self.valid], self.origin[self.valid]] = self.hidden[self.valid]
+
+    def outputs(self) -> torch.Tensor:
+        """Hidden states in the chunk's original positions. Text tokens are exact; a removed
+        visual token reports the hidden state it had when it was removed."""
+        if not self.compacted:
+            return self.hidden
+        self._save_outputs()
+        return self.finished
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return tensor.gather(1, index.unsqueeze(-1).expand(*index.shape, tensor.shape[-1]))
+
+
+def attention_mask_4d(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``(batch, 1, query, key)`` mask: causal over slot order, invalid keys hidden.
+
+    The queries are the last `query_len` key slots. A finite minimum (not -inf) keeps rows
+    without any visible key (padding) finite in both eager and sdpa attention.
+    """
+    keys = key_valid.shape[1]
+    key_pos = torch.arange(keys, device=key_valid.device)
+    query_pos = torch.arange(keys - query_len, keys, device=key_valid.device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & key_valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
