@@ -7,6 +7,7 @@ uses the torch references in `aim.merge` / `aim.prune`. ``AIM_BACKEND=torch`` or
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -28,11 +29,7 @@ def backend_for(tensor: torch.Tensor) -> str:
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def best_match(set_a: torch.Tensor, set_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
