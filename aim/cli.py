@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from .flops_cli import add_flops_parser, run_flops
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aim", description="AIM token merging and pruning for multimodal LLMs")
@@ -22,12 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON")
 
-    try:
-        from .flops_cli import add_flops_parser
-    except ImportError:  # the FLOPs report is optional until it lands
-        add_flops_parser = None
-    if add_flops_parser is not None:
-        add_flops_parser(commands)
+    add_flops_parser(commands)
     return parser
 
 
@@ -59,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
     if args.command == "flops":
-        from .flops_cli import run_flops
-
         return run_flops(args)
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -146,6 +146,7 @@ class AIMTextForward:
         stats_rows: list[tuple[list[int], list[int], int]] = []
         new_layer_valid: list[torch.Tensor] = []
         masks: dict = {}  # (layout version, cached part) -> (key validity, 4-D mask), shared by layers
+        sdpa = getattr(model.config, "_attn_implementation", "eager") == "sdpa"
         captured: dict = {}
         current = visual_counts
         for idx, layer in enumerate(model.layers):
@@ -168,7 +169,7 @@ class AIMTextForward:
             mask_key = (tokens.version, id(layer_past))  # layer_past stays referenced: ids are stable
             if mask_key not in masks:
                 key_valid = tokens.valid if layer_past is None else torch.cat([layer_past, tokens.valid], dim=1)
-                masks[mask_key] = (key_valid, attention_mask_4d(key_valid, tokens.valid.shape[1], tokens.hidden.dtype))
+                masks[mask_key] = (key_valid, _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, sdpa))
             key_valid, mask = masks[mask_key]
             if wants_ranking:
                 captured["head_dim"] = layer.self_attn.head_dim
@@ -205,6 +206,20 @@ class AIMTextForward:
 
 def _has_aim_state(cache) -> bool:
     return cache is not None and getattr(cache, "_aim_state", None) is not None
+
+
+def _layer_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype, sdpa: bool) -> torch.Tensor | None:
+    """The layer's 4-D mask, or None where sdpa's own causal mask is the same thing.
+
+    With every key valid and the queries being all the keys (a prefill) or one query (a decode
+    step), the mask is plain causal: passing None lets transformers' sdpa call use
+    ``is_causal``, whose kernels skip the upper triangle, as the unpatched model's do. Not for
+    eager (None there means no mask) and not for ``1 < query < keys`` (sdpa's ``is_causal`` is
+    top-left aligned).
+    """
+    if sdpa and query_len in (1, key_valid.shape[1]) and bool(key_valid.all()):
+        return None
+    return attention_mask_4d(key_valid, query_len, dtype)
 
 
 def _split_padding_mask(attention_mask, batch, length, past_len, device):
