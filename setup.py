@@ -16,9 +16,20 @@ setup(
         "numpy",
         "tqdm",
     ],
+    package_data={
+        "aim": ["model_configs/*/config.json"],
+        "aim.integrations.lmms_eval": ["tasks/*.yaml"],
+    },
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8,<10", "triton>=3.0"],
+        "plot": ["matplotlib"],
+        # decord: lmms-eval's llava_hf imports it at module level
+        "eval": ["lmms-eval>=0.7.3", "decord"],
+        "test": ["pytest>=8,<10", "triton>=3.0", "matplotlib", "lmms-eval>=0.7.3", "decord"],
     },
-    entry_points={"console_scripts": ["aim=aim.cli:main"]},
+    entry_points={
+        "console_scripts": ["aim=aim.cli:main"],
+        # lmms-eval (>= 0.6) discovers plugin models through this group
+        "lmms_eval.models": ["aim=aim.integrations.lmms_eval:manifests"],
+    },
 )

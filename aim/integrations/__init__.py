@@ -1,0 +1,1 @@
+"""Integrations of aim with evaluation frameworks (lmms-eval: `aim.integrations.lmms_eval`)."""

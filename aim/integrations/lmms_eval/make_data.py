@@ -1,0 +1,254 @@
+"""Generate the synthetic video / image QA sets of the offline lmms-eval tasks.
+
+    python -m aim.integrations.lmms_eval.make_data OUTDIR [--videos 16] [--images 16] [--seed 0]
+                                                   [--checkpoint DIR]
+
+Writes, deterministically from the seed::
+
+    OUTDIR/aim_synth_video.yaml, aim_synth_image.yaml, aim_synth.yaml   (copies of the task files)
+    OUTDIR/data/aim_synth_video.jsonl, data/aim_synth_image.jsonl     (one question per line)
+    OUTDIR/data/videos/*.mp4, data/images/*.png
+
+then ``lmms-eval --include_path OUTDIR --tasks aim_synth ...`` reads them with no hub access
+(``dataset_path: json``; lmms-eval anchors the relative ``data_files`` at the yaml's folder).
+
+Videos: a coloured square moves in a straight line (left, right, up or down) across the frames
+while other shapes of other colours stand still. Questions: "What colour is the moving square?"
+(a single frame cannot tell which square moves) and "Which direction does the square move?"
+(needs the frame order). Images: one shape of one colour; questions on its colour and its shape.
+All are 4-way multiple choice answered with a letter.
+
+``--checkpoint DIR`` also saves a tiny random-weight LLaVA-OneVision model (``--checkpoint-family
+qwen2_vl``: Qwen2-VL) with an offline-built processor (see :mod:`.checkpoint`), to run the tasks on
+any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TASKS_DIR = Path(__file__).with_name("tasks")
+TASK_FILES = ("aim_synth_video.yaml", "aim_synth_image.yaml", "aim_synth.yaml")
+LETTERS = "ABCD"
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 230), "yellow": (240, 220, 40),
+    "purple": (140, 50, 170), "orange": (245, 140, 20), "cyan": (40, 210, 220), "white": (245, 245, 245),
+}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+SHAPES = ("square", "circle", "triangle")
+BACKGROUND = (20, 20, 20)
+
+
+# ------------------------------------------------------------------------------------------
+# Drawing
+# ------------------------------------------------------------------------------------------
+
+
+def _draw(canvas: np.ndarray, shape: str, cx: float, cy: float, half: int, colour: tuple[int, int, int]) -> None:
+    """Draw a filled shape centred at (cx, cy) with half-size `half` into an HxWx3 uint8 canvas."""
+    h, w, _ = canvas.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    if shape == "square":
+        mask = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+    elif shape == "circle":
+        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
+    elif shape == "triangle":  # apex up
+        rel_y = (ys - (cy - half)) / max(2 * half, 1)  # 0 at the apex, 1 at the base
+        mask = (rel_y >= 0) & (rel_y <= 1) & (np.abs(xs - cx) <= rel_y * half)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    canvas[mask] = colour
+
+
+def _options(rng: np.random.RandomState, answer: str, pool: list[str]) -> tuple[list[str], str]:
+    """Four options holding `answer` at a random position; returns (options, letter)."""
+    others = [p for p in pool if p != answer]
+    picks = [others[i] for i in rng.permutation(len(others))[:3]] + [answer]
+    order = rng.permutation(4)
+    options = [picks[i] for i in order]
+    return options, LETTERS[options.index(answer)]
+
+
+def make_video(rng: np.random.RandomState, frames: int, size: int) -> tuple[np.ndarray, dict]:
+    """One clip: a square of one colour moving in one direction, 1-2 still distractor shapes."""
+    colour_names = list(COLOURS)
+    picked = [colour_names[i] for i in rng.permutation(len(colour_names))[:3]]
+    moving_colour, distractor_colours = picked[0], picked[1: 1 + rng.randint(1, 3)]
+    direction = list(DIRECTIONS)[rng.randint(len(DIRECTIONS))]
+    dx, dy = DIRECTIONS[direction]
+    half = size // 10
+    travel = size - 4 * half  # the square crosses most of the frame
+    start = size / 2 - dx * travel / 2, size / 2 - dy * travel / 2
+    # Perpendicular offset so the mover's lane is not the frame's centre line every time.
+    lane = (rng.rand() - 0.5) * size / 3
+    start = (start[0] + (lane if dx == 0 else 0), start[1] + (lane if dy == 0 else 0))
+    still = [
+        (SHAPES[rng.randint(len(SHAPES))], rng.uniform(half * 2, size - half * 2), rng.uniform(half * 2, size - half * 2), c)
+        for c in distractor_colours
+    ]
+    clip = np.empty((frames, size, size, 3), dtype=np.uint8)
+    for t in range(frames):
+        frame = np.empty((size, size, 3), dtype=np.uint8)
+        frame[:] = BACKGROUND
+        for shape, x, y, c in still:
+            _draw(frame, shape, x, y, half, COLOURS[c])
+        progress = t / max(frames - 1, 1)
+        _draw(frame, "square", start[0] + dx * travel * progress, start[1] + dy * travel * progress, half,
+              COLOURS[moving_colour])
+        clip[t] = frame
+    return clip, {"colour": moving_colour, "direction": direction, "distractors": distractor_colours}
+
+
+def make_image(rng: np.random.RandomState, size: int) -> tuple[np.ndarray, dict]:
+    colour = list(COLOURS)[rng.randint(len(COLOURS))]
+    shape = SHAPES[rng.randint(len(SHAPES))]
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    half = size // 4
+    cx, cy = rng.uniform(half + 2, size - half - 2, size=2)
+    _draw(image, shape, cx, cy, half, COLOURS[colour])
+    return image, {"colour": colour, "shape": shape}
+
+
+# ------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------
+
+
+def write_mp4(path: Path, clip: np.ndarray, fps: int = 4) -> None:
+    """Encode an (T, H, W, 3) uint8 clip as MPEG-4 Part 2 in an .mp4 (PyAV, else OpenCV)."""
+    try:
+        import av
+    except ImportError:
+        av = None
+    if av is not None:
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("mpeg4", rate=fps)
+            stream.width, stream.height = clip.shape[2], clip.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"qscale": "2"}  # near-lossless: colours survive
+            for frame in clip:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return
+    try:
+        import cv2
+    except ImportError as error:  # pragma: no cover - lmms-eval installs both
+        raise ImportError("writing videos needs PyAV (`pip install av`) or OpenCV (`pip install opencv-python-headless`)") from error
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (clip.shape[2], clip.shape[1]))
+    for frame in clip:
+        writer.write(frame[:, :, ::-1].copy())
+    writer.release()
+
+
+def _prompt(question: str, options: list[str]) -> str:
+    return question + "\n" + "\n".join(f"({letter}) {text}" for letter, text in zip(LETTERS, options))
+
+
+def generate(
+    outdir: str | Path, videos: int = 16, images: int = 16, frames: int = 8, size: int = 96, seed: int = 0,
+    copy_tasks: bool = True,
+) -> dict[str, Path]:
+    """Write the two QA sets (and, by default, the task yaml files) under `outdir`.
+
+    Each video yields one question (colour or direction, alternating); each image one question
+    (colour or shape, alternating). Returns the paths of the two JSONL files.
+    """
+    if videos < 0 or images < 0 or frames < 2 or size < 32:
+        raise ValueError("need videos, images >= 0, frames >= 2 and size >= 32")
+    outdir = Path(outdir).resolve()
+    data = outdir / "data"
+    (data / "videos").mkdir(parents=True, exist_ok=True)
+    (data / "images").mkdir(parents=True, exist_ok=True)
+
+    rng = np.random.RandomState(seed)
+    video_rows = []
+    for i in range(videos):
+        clip, facts = make_video(rng, frames, size)
+        path = data / "videos" / f"synth_{i:04d}.mp4"
+        write_mp4(path, clip)
+        if i % 2 == 0:
+            question, answer, category = "What colour is the moving square?", facts["colour"], "colour"
+            # The still shapes' colours are the wrong options first: one frame cannot tell them apart.
+            others = [c for c in facts["distractors"] + list(COLOURS) if c != answer]
+            options = list(dict.fromkeys(others))[:3] + [answer]
+            options = [options[j] for j in rng.permutation(4)]
+            letter = LETTERS[options.index(answer)]
+        else:
+            question, answer, category = "Which direction does the square move?", facts["direction"], "direction"
+            options = list(DIRECTIONS)
+            letter = LETTERS[options.index(answer)]
+        video_rows.append({
+            "id": f"video_{i:04d}", "video": str(path), "category": category, "question": question,
+            "options": options, "answer": letter, "answer_text": answer, "prompt": _prompt(question, options),
+            "frames": frames,
+        })
+
+    from PIL import Image
+
+    image_rows = []
+    for i in range(images):
+        image, facts = make_image(rng, size)
+        path = data / "images" / f"synth_{i:04d}.png"
+        Image.fromarray(image).save(path)
+        if i % 2 == 0:
+            question, answer, category = "What colour is the shape?", facts["colour"], "colour"
+            options, letter = _options(rng, answer, list(COLOURS))
+        else:
+            question, answer, category = "What shape is in the image?", facts["shape"], "shape"
+            options, letter = _options(rng, answer, list(SHAPES) + ["star"])
+        image_rows.append({
+            "id": f"image_{i:04d}", "image": str(path), "category": category, "question": question,
+            "options": options, "answer": letter, "answer_text": answer, "prompt": _prompt(question, options),
+        })
+
+    files = {"video": data / "aim_synth_video.jsonl", "image": data / "aim_synth_image.jsonl"}
+    for key, rows in (("video", video_rows), ("image", image_rows)):
+        with open(files[key], "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    if copy_tasks:
+        for name in TASK_FILES:
+            shutil.copyfile(TASKS_DIR / name, outdir / name)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aim.integrations.lmms_eval.make_data",
+        description="Write the synthetic video/image QA sets and task files of the offline lmms-eval tasks.",
+    )
+    parser.add_argument("outdir", help="folder to write (give it to lmms-eval as --include_path)")
+    parser.add_argument("--videos", type=int, default=16, help="video questions (default 16)")
+    parser.add_argument("--images", type=int, default=16, help="image questions (default 16)")
+    parser.add_argument("--frames", type=int, default=8, help="frames per video (default 8)")
+    parser.add_argument("--size", type=int, default=96, help="frame / image side in pixels (default 96)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", metavar="DIR", help="also save a tiny random-weight model with an "
+                        "offline processor into DIR (a local `pretrained=` path)")
+    parser.add_argument("--checkpoint-family", default="llava_onevision", choices=("llava_onevision", "qwen2_vl"),
+                        help="model class of --checkpoint: llava_onevision (for aim_llava_hf, default) or "
+                        "qwen2_vl (for aim_qwen2_vl)")
+    args = parser.parse_args(argv)
+    try:
+        files = generate(args.outdir, args.videos, args.images, args.frames, args.size, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"wrote {files['video']} and {files['image']}; task files in {Path(args.outdir).resolve()}")
+    if args.checkpoint:
+        from .checkpoint import build_checkpoint
+
+        print(f"wrote tiny checkpoint {build_checkpoint(args.checkpoint, family=args.checkpoint_family)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""lmms-eval integration: model_args parsing, cost accounting, the synthetic tasks, and the real
+``python -m lmms_eval`` command line on a tiny offline checkpoint (baseline vs AIM).
+
+The parts that need lmms-eval skip (with the reason) when it is not importable; the `test` extra
+installs it.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from aim.integrations.lmms_eval.args import AIMArgumentError, allowed_keys, parse_model_args
+from aim.integrations.lmms_eval.cost import CostTracker
+from aim.integrations.lmms_eval.tasks.utils import extract_choice, process_results
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_LMMS_EVAL = importlib.util.find_spec("lmms_eval") is not None
+needs_lmms_eval = pytest.mark.skipif(not HAS_LMMS_EVAL, reason="lmms_eval is not installed (pip install -e '.[eval]')")
+LIMIT = 2
+
+
+def test_ci_runs_the_lmms_eval_tests():
+    """CI installs the test extra, which pulls lmms-eval: there the end-to-end tests must run, not skip."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not HAS_LMMS_EVAL:
+        pytest.fail("CI=true but lmms_eval is not importable: the test extra (pip install -e '.[test]') installs it")
+
+
+# ---------------------------------------------------------------------------------------------
+# --model_args parsing (no lmms-eval needed)
+# ---------------------------------------------------------------------------------------------
+
+BASE = {"pretrained", "device", "device_map", "batch_size", "max_frames_num"}
+
+
+def test_parse_splits_aim_and_base_arguments():
+    settings, rest = parse_model_args(
+        {"pretrained": "ckpt", "merge_keep": 0.25, "prune_start": 14, "prune_step": 0.125, "device": "cpu"}, BASE,
+    )
+    assert rest == {"pretrained": "ckpt", "device": "cpu"}
+    assert settings.enabled and settings.config.merge_schedule == (0.5, 0.25)
+    assert (settings.config.prune_start, settings.config.prune_step) == (14, 0.125)
+    assert settings.config.keep_ratios(28)[14:22] == (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0)
+
+
+@pytest.mark.parametrize("value", ["off", "false", False, 0, "no"])
+def test_parse_aim_off_is_the_unchanged_model(value):
+    settings, rest = parse_model_args({"pretrained": "ckpt", "aim": value}, BASE)
+    assert not settings.enabled and not settings.config.enabled and rest == {"pretrained": "ckpt"}
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("[0.5,0.25]", (0.5, 0.25)), ("0.5:0.25", (0.5, 0.25)), ("0.5;0.3", (0.5, 0.3)), (0.5, (0.5,)), ("", ())],
+)
+def test_parse_list_forms(value, expected):
+    settings, _ = parse_model_args({"merge_schedule": value}, BASE)
+    assert settings.config.merge_schedule == expected
+
+
+def test_parse_prefixed_names_and_plugin_options(tmp_path):
+    settings, rest = parse_model_args(
+        {"aim_merge_keep": "0.5", "aim_prune": "off", "aim_output": str(tmp_path / "c.json"), "aim_flops": "off",
+         "tau": "0.2", "pagerank_iterations": "3", "prune_mode": "mask", "pretrained": "x"}, BASE,
+    )
+    config = settings.config
+    assert config.merge_schedule == (0.5,) and config.prune is False and config.tau == 0.2
+    assert config.pagerank_iterations == 3 and config.prune_mode == "mask"
+    assert settings.output == str(tmp_path / "c.json") and settings.flops is False and rest == {"pretrained": "x"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"merge_kep": 0.25}, "unknown model argument 'merge_kep'"),
+        ({"aim_merge": 0.25}, "unknown AIM option 'aim_merge'"),
+        ({"merge_keep": 2}, "merge_keep must be in (0, 1]"),
+        ({"merge_keep": "quarter"}, "merge_keep='quarter': expected a number"),
+        ({"merge_schedule": "0.5:0.1"}, "at most half"),
+        ({"merge_schedule": "[0.5,"}, "not a list of numbers"),
+        ({"prune_start": "middle"}, "prune_start='middle': expected an integer"),
+        ({"prune_start": 0}, "prune_start must be an integer >= 1"),
+        ({"prune_step": 1.5}, "prune_step must be in (0, 1]"),
+        ({"prune_keep_ratios": "1:0.5:0.75"}, "non-increasing"),
+        ({"prune_keep_ratios": "1:0.5", "prune_start": 3}, "not both"),
+        ({"tau": 0}, "tau must be > 0"),
+        ({"prune_mode": "drop"}, "prune_mode must be one of"),
+        ({"aim": "maybe"}, "aim='maybe': expected on/off"),
+        ({"aim": "on", "enabled": False}, "contradicts"),
+        ({"merge_keep": 0.5, "aim_merge_keep": 0.25}, "given twice"),
+    ],
+)
+def test_parse_errors_are_clear(kwargs, message):
+    with pytest.raises(AIMArgumentError) as error:
+        parse_model_args(kwargs, BASE, model="aim_llava_hf")
+    text = str(error.value)
+    assert message in text and text.startswith("aim_llava_hf:")
+    assert isinstance(error.value, ValueError)
+
+
+def test_unknown_key_lists_what_is_allowed():
+    with pytest.raises(AIMArgumentError) as error:
+        parse_model_args({"frames": 8}, BASE, model="aim_llava_hf", base="lmms-eval LlavaHf")
+    text = str(error.value)
+    assert all(key in text for key in allowed_keys()) and "max_frames_num" in text and "LlavaHf" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost accounting and task hooks (no lmms-eval needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def _stats(before, after, per_layer, full, mode="remove"):
+    return SimpleNamespace(
+        input_tokens=full, visual_tokens_before_merge=before, visual_tokens_after_merge=after,
+        tokens_per_layer=per_layer, mode=mode,
+    )
+
+
+def test_cost_tracker_summary():
+    tracker = CostTracker(model="m", pretrained=None, aim={"enabled": True}, num_layers=2,
+                          counter=lambda layers: sum(n * n for n in layers))
+    tracker.add_stats(_stats([100], [25], [[40], [20]], [115]), [("video", 0)])
+    tracker.add_stats(_stats([100, 50], [25, 10], [[40, 25], [30, 15]], [115, 65]), [("image", 0), ("image", 1)])
+    tracker.add_failure(RuntimeError("boom"))
+    s = tracker.summary()
+    assert s["num_samples"] == 3 and s["failed_generations"] == 1 and "RuntimeError: boom" in s["failures"][0]
+    assert s["mean_visual_tokens_before_merge"] == pytest.approx(250 / 3)
+    assert s["visual_token_ratio"] == pytest.approx(250 / 60)
+    base = 2 * (115**2) * 2 + 2 * 65**2
+    ours = 40**2 + 20**2 + 40**2 + 30**2 + 25**2 + 15**2
+    assert s["prefill_flops_ratio"] == pytest.approx(base / ours)
+    assert s["per_task"]["image"]["num_samples"] == 2 and s["per_task"]["video"]["mean_input_tokens"] == 115
+    # a batch whose documents are not known keeps the task only
+    added = tracker.add_stats(_stats([10, 10], [5, 5], [[8, 8]], [9, 9]), [("image", 3)])
+    assert [(r.task, r.doc_id) for r in added] == [("image", None), ("image", None)]
+
+
+def test_cost_tracker_without_flops_and_mask_mode(tmp_path):
+    tracker = CostTracker(model="m", pretrained=None, aim={"enabled": True})
+    tracker.add_stats(_stats([16], [4], [[10]], [20]))
+    s = tracker.summary()
+    assert "mean_prefill_tflops" not in s and s["mean_visual_tokens_after_merge"] == 4
+    masked = CostTracker(model="m", pretrained=None, aim={}, counter=lambda layers: sum(layers))
+    masked.add_stats(_stats([16], [4], [[10]], [20], mode="mask"))
+    assert masked.summary()["prefill_flops_ratio"] == 1.0  # masking computes on every token
+    path = tracker.write(tmp_path / "cost.json", tmp_path / "samples.jsonl")
+    assert json.loads(path.read_text())["num_samples"] == 1
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [("B", "B"), ("(C) up", "C"), ("A.", "A"), ("the answer is (D)", "D"), ("red", "B"), ("w14 in w14", None), ("", None)],
+)
+def test_extract_choice(prediction, expected):
+    assert extract_choice(prediction, ["blue", "red", "up", "down"]) == expected
+
+
+def test_process_results_scores_letters():
+    doc = {"options": ["left", "right", "up", "down"], "answer": "C"}
+    assert process_results(doc, ["C"]) == {"accuracy": 1.0}
+    assert process_results(doc, [SimpleNamespace(text="(A)")]) == {"accuracy": 0.0}
+
+
+def test_make_data_is_deterministic(tmp_path):
+    pytest.importorskip("PIL")
+    if importlib.util.find_spec("av") is None and importlib.util.find_spec("cv2") is None:
+        pytest.skip("writing videos needs PyAV or OpenCV (installed with lmms-eval)")
+    from aim.integrations.lmms_eval.make_data import TASK_FILES, generate
+
+    rows = []
+    for name in ("a", "b"):
+        files = generate(tmp_path / name, videos=2, images=2, frames=4, size=48, seed=3)
+        rows.append([json.loads(line) for line in files["video"].read_text().splitlines()]
+                    + [json.loads(line) for line in files["image"].read_text().splitlines()])
+        assert all((tmp_path / name / task).is_file() for task in TASK_FILES)
+    strip = [{k: v for k, v in row.items() if k not in ("video", "image")} for row in rows[0]]
+    assert strip == [{k: v for k, v in row.items() if k not in ("video", "image")} for row in rows[1]]
+    assert [r["category"] for r in strip] == ["colour", "direction", "colour", "shape"]
+    for row in strip:
+        assert row["answer"] in "ABCD" and row["options"][ord(row["answer"]) - 65] == row["answer_text"]
+    assert all(Path(r.get("video") or r["image"]).is_file() for r in rows[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# With lmms-eval: the model classes and the real command line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def offline_setup(tmp_path_factory):
+    """Synthetic data + task files and a tiny LLaVA-OneVision checkpoint with its processor."""
+    from aim.integrations.lmms_eval.checkpoint import build_checkpoint
+    from aim.integrations.lmms_eval.make_data import generate
+
+    root = tmp_path_factory.mktemp("lmms_eval")
+    generate(root / "synth", videos=LIMIT, images=LIMIT, frames=8, size=96, seed=0)
+    checkpoint = build_checkpoint(root / "tiny-llava-ov", num_layers=4, hidden_size=64)
+    return SimpleNamespace(root=root, tasks=root / "synth", checkpoint=checkpoint)
+
+
+def _entry_point_installed() -> bool:
+    return any(ep.value.startswith("aim.integrations.lmms_eval") for ep in entry_points(group="lmms_eval.models"))
+
+
+def _run_lmms_eval(setup, name: str, model_args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(setup.root / "hf_home"), TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
+    if not _entry_point_installed():  # aim installed without its entry points: lmms-eval's legacy variable
+        env["LMMS_EVAL_PLUGINS"] = "aim.integrations.lmms_eval"
+    cmd = [
+        sys.executable, "-m", "lmms_eval", "--model", "aim_llava_hf",
+        "--model_args", f"pretrained={setup.checkpoint},max_frames_num=8,{model_args}",
+        "--device", "cpu", "--batch_size", "1", "--include_path", str(setup.tasks), "--tasks", "aim_synth",
+        "--limit", str(LIMIT), "--output_path", str(setup.root / name), *extra,
+    ]
+    return subprocess.run(cmd, cwd=setup.root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _outputs(setup, name: str) -> tuple[dict, dict]:
+    results = glob.glob(str(setup.root / name / "*" / "*_results.json"))
+    costs = glob.glob(str(setup.root / name / "*" / "*_aim_cost.json"))
+    assert len(results) == 1 and len(costs) == 1, (results, costs)
+    assert Path(costs[0]).name == Path(results[0]).name.replace("_results.json", "_aim_cost.json")
+    return json.loads(Path(results[0]).read_text()), json.loads(Path(costs[0]).read_text())
+
+
+@needs_lmms_eval
+def test_models_are_registered():
+    if not _entry_point_installed():
+        pytest.skip("the lmms_eval.models entry point is not installed (pip install -e .)")
+    from lmms_eval.models import get_model
+
+    from aim.integrations.lmms_eval.models.aim_llava_hf import AimLlavaHf, AimLlavaHfChat
+
+    assert get_model("aim_llava_hf") is AimLlavaHfChat and get_model("aim_llava_hf", force_simple=True) is AimLlavaHf
+    for name in ("aim_qwen2_vl", "aim_qwen2_5_vl"):
+        assert get_model(name).AIM_MODEL_ID == name
+
+
+@needs_lmms_eval
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"merge_keep": 3}, "merge_keep must be in (0, 1]"),
+        ({"prune_start": 9}, "prune_start=9 is past the model's last layer"),  # the tiny model has 4 layers
+        ({"bogus": 1}, "unknown model argument 'bogus'"),
+    ],
+)
+def test_bad_model_args_stop_before_loading(offline_setup, kwargs, message, monkeypatch):
+    from aim.integrations.lmms_eval.models.aim_llava_hf import AimLlavaHf
+
+    monkeypatch.setattr(AimLlavaHf, "_aim_install", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(AIMArgumentError, match="aim_llava_hf") as error:
+        AimLlavaHf(pretrained=str(offline_setup.checkpoint), device="cpu", **kwargs)
+    assert message in str(error.value)
+
+
+@needs_lmms_eval
+def test_lmms_eval_cli_baseline_vs_aim(offline_setup):
+    runs = {
+        "baseline": _run_lmms_eval(offline_setup, "baseline", "aim=off"),
+        "aim": _run_lmms_eval(offline_setup, "aim", "merge_keep=0.25,prune_start=2,prune_step=0.5"),
+    }
+    out = {}
+    for name, run in runs.items():
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+        assert "Error during evaluation" not in run.stdout + run.stderr, run.stdout[-4000:] + run.stderr[-4000:]
+        results, cost = _outputs(offline_setup, name)
+        for task in ("aim_synth_video", "aim_synth_image"):
+            assert 0.0 <= results["results"][task]["accuracy,none"] <= 1.0
+            assert cost["per_task"][task]["num_samples"] == LIMIT
+        assert results["aim_cost"]["num_samples"] == cost["num_samples"] == 2 * LIMIT
+        assert cost["failed_generations"] == 0, cost["failures"]
+        assert f"[aim] aim_llava_hf ({'aim=off' if name == 'baseline' else 'AIM'})" in run.stdout
+        out[name] = cost
+
+    base, aim = out["baseline"], out["aim"]
+    assert base["aim"]["enabled"] is False and aim["aim"]["enabled"] is True
+    assert base["mean_visual_tokens_before_merge"] == base["mean_visual_tokens_after_merge"]
+    assert aim["mean_visual_tokens_before_merge"] == base["mean_visual_tokens_before_merge"]  # same prompts
+    assert aim["mean_visual_tokens_after_merge"] < 0.3 * base["mean_visual_tokens_after_merge"]
+    # 8 frames x 16 tokens + 1 newline -> 8 x 4 + 1 after merging to 25%
+    video = aim["per_task"]["aim_synth_video"]
+    assert (video["mean_visual_tokens_before_merge"], video["mean_visual_tokens_after_merge"]) == (129, 33)
+    assert aim["mean_llm_tokens_per_layer"] < base["mean_llm_tokens_per_layer"]
+    if "mean_prefill_tflops" in aim:  # aim.flops present
+        assert base["mean_prefill_tflops"] == pytest.approx(aim["mean_baseline_prefill_tflops"])
+        assert aim["prefill_flops_ratio"] > 2 and base["prefill_flops_ratio"] == 1.0
+
+
+@needs_lmms_eval
+def test_lmms_eval_cli_bad_aim_argument(offline_setup):
+    run = _run_lmms_eval(offline_setup, "bad", "merge_keep=1.5")
+    text = run.stdout + run.stderr
+    assert "aim_llava_hf: bad AIM arguments (merge_keep=1.5): merge_keep must be in (0, 1]" in text
+    assert not glob.glob(str(offline_setup.root / "bad" / "*" / "*_results.json"))
