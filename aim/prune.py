@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .config import visual_tokens_kept
-
 
 def pagerank_importance_reference(
     query: torch.Tensor,
@@ -35,25 +33,22 @@ def pagerank_importance_reference(
     kv_heads = key.shape[1]
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
-    key = key.repeat_interleave(heads // kv_heads, dim=1)
-    logits = (query.float() @ key.float().transpose(-1, -2)) * (head_dim**-0.5 / tau)
-    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-    allowed = causal & valid[:, None, None, :] & valid[:, None, :, None]
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    # rows of invalid queries are all -inf: softmax gives NaN there, and they carry no mass anyway
-    attention = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    # GQA without repeating the keys: the query heads of kv head i (i*g .. i*g+g-1, as
+    # repeat_interleave orders them) are stacked into one (g*N, d) block against its keys
+    group = heads // kv_heads
+    scaled = (query.float() * (head_dim**-0.5 / tau)).reshape(batch, kv_heads, group * n, head_dim)
+    logits = (scaled @ key.float().transpose(-1, -2)).view(batch, heads, n, n)
+    allowed = torch.ones(n, n, dtype=torch.bool, device=query.device).tril() & valid[:, None, None, :]
+    # a finite fill keeps rows without any allowed key (padding queries) finite; those rows carry
+    # no mass (s is 0 there), so they change nothing and need no NaN clean-up
+    logits.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    attention = torch.softmax(logits, dim=-1)
+    del logits  # two (B, H, N, N) float32 buffers at the peak, not three
     mass = valid.float() / valid.float().sum(-1, keepdim=True).clamp_min(1.0)
     scores = mass[:, None, :].expand(batch, heads, n)
     for _ in range(iterations):
         scores = (scores.unsqueeze(-2) @ attention).squeeze(-2)
     return scores.pow(2).mean(dim=1).sqrt()
-
-
-def visual_keep_counts(num_visual: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """Per-sample number of visual tokens a layer keeps, from the visual tokens that entered the LLM."""
-    return torch.tensor(
-        [visual_tokens_kept(int(n), keep_ratio) for n in num_visual.tolist()], device=num_visual.device
-    )
 
 
 def select_tokens(

@@ -65,11 +65,9 @@ def matching_kernel_bytes(groups: int, num_a: int, num_b: int, dim: int, elem: i
 
 
 def importance_reference_bytes(batch: int, heads: int, kv_heads: int, n: int, dim: int, elem: int) -> int:
-    # at the softmax: logits, softmax output and its nan_to_num copy, three (B, H, N, N) fp32
-    # tensors; the (B, 1, N, N) and (N, N) bool masks; the keys repeated to H heads (GQA)
-    square = 3 * FP32 * batch * heads * n * n + batch * n * n + n * n
-    repeated = elem * batch * heads * n * dim if heads != kv_heads else 0
-    return square + repeated
+    # at the softmax: the fp32 logits and the softmax output, two (B, H, N, N) tensors; the
+    # (B, 1, N, N) bool mask; the scaled fp32 queries (GQA needs no repeated keys)
+    return 2 * FP32 * batch * heads * n * n + batch * n * n + FP32 * batch * heads * n * dim
 
 
 def importance_kernel_bytes(batch: int, heads: int, kv_heads: int, n: int, dim: int, elem: int) -> int:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from aim.prune import pagerank_importance_reference, select_tokens, visual_keep_counts
+from aim.config import visual_tokens_kept
+from aim.prune import pagerank_importance_reference, select_tokens
 
 
 def dense_formula(q, k, tau, iterations):
@@ -55,4 +56,9 @@ def test_select_keeps_text_and_top_visual():
     keep = select_tokens(importance, valid, visual, torch.tensor([2]))
     # slot 0 is padding (never kept); text slots 1, 5 always kept; visual: 4 (0.8) and 2 (0.5)
     assert keep.tolist() == [[False, True, True, False, True, True]]
-    assert visual_keep_counts(torch.tensor([8, 3]), 0.5).tolist() == [4, 2]
+
+
+def test_keep_counts_round_half_up():
+    # 8 * 0.5 = 4; 3 * 0.5 = 1.5 -> 2; never more than there are, never below 0
+    assert [visual_tokens_kept(n, 0.5) for n in (8, 3, 1, 0)] == [4, 2, 1, 0]
+    assert visual_tokens_kept(7, 0.125) == 1 and visual_tokens_kept(3, 0.0) == 0
