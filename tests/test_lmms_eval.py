@@ -172,6 +172,16 @@ def test_process_results_scores_letters():
     assert process_results(doc, [SimpleNamespace(text="(A)")]) == {"accuracy": 0.0}
 
 
+def test_make_data_refuses_a_folder_named_like_the_task(tmp_path, capsys):
+    from aim.integrations.lmms_eval.make_data import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "aim_synth")])
+    assert exit_info.value.code == 2
+    assert "other than a task name" in capsys.readouterr().err
+    assert not (tmp_path / "aim_synth").exists()
+
+
 def test_make_data_is_deterministic(tmp_path):
     pytest.importorskip("PIL")
     if importlib.util.find_spec("av") is None and importlib.util.find_spec("cv2") is None:

@@ -221,6 +221,9 @@ def generate(
     return files
 
 
+TASK_NAMES = ("aim_synth", "aim_synth_video", "aim_synth_image")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m aim.integrations.lmms_eval.make_data",
@@ -238,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="model class of --checkpoint: llava_onevision (for aim_llava_hf, default) or "
                         "qwen2_vl (for aim_qwen2_vl)")
     args = parser.parse_args(argv)
+    if Path(args.outdir).name in TASK_NAMES:
+        # lmms-eval takes a task name that is also a folder in the working directory for that
+        # folder, and then builds plain-prompt requests that its chat model classes cannot read
+        parser.error(f"name the folder something other than a task name ({', '.join(TASK_NAMES)}), "
+                     f"e.g. ./synth_eval: lmms-eval would mistake {args.outdir!r} for the task")
     try:
         files = generate(args.outdir, args.videos, args.images, args.frames, args.size, args.seed)
     except ValueError as error:
