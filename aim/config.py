@@ -15,6 +15,9 @@ from typing import Sequence
 # Paper default: two merge steps, r = N/2 then N/4 of the original N (25% kept).
 DEFAULT_MERGE_SCHEDULE: tuple[float, ...] = (0.5, 0.25)
 PRUNE_MODES = ("remove", "mask")
+# AIM's own methods first; the others are the baselines the accuracy study compares against
+MERGE_METHODS = ("bipartite", "pool", "random")
+PRUNE_METHODS = ("pagerank", "last_token", "random")
 
 
 def merge_schedule_for_keep(merge_keep: float) -> tuple[float, ...]:
@@ -63,6 +66,14 @@ class AIMConfig:
         prune_mode: ``"remove"`` physically drops pruned tokens (hidden states, RoPE,
             masks, KV cache all shrink); ``"mask"`` only masks them as keys, the
             reference the public AIM code uses. Useful for checking and comparisons.
+        merge_method: how each frame / crop is reduced before the LLM: ``"bipartite"`` (AIM's
+            similarity merging), or the baselines ``"pool"`` (uniform spatial average pooling
+            of square grids to about the same count) and ``"random"`` (random dropping). The
+            baselines only use the final fraction of `merge_schedule`.
+        prune_method: how visual tokens are ranked at pruning layers: ``"pagerank"`` (AIM), or
+            the baselines ``"last_token"`` (FastV: attention from the last token, mean over
+            heads) and ``"random"``.
+        seed: seed of the random baselines (the same tokens for the same input).
     """
 
     enabled: bool = True
@@ -75,6 +86,9 @@ class AIMConfig:
     tau: float = 0.1
     pagerank_iterations: int = 5
     prune_mode: str = "remove"
+    merge_method: str = "bipartite"
+    prune_method: str = "pagerank"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.merge_keep is not None:
@@ -111,6 +125,12 @@ class AIMConfig:
             raise ValueError(f"pagerank_iterations must be an integer >= 1, got {self.pagerank_iterations!r}")
         if self.prune_mode not in PRUNE_MODES:
             raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {self.prune_mode!r}")
+        if self.merge_method not in MERGE_METHODS:
+            raise ValueError(f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
+        if self.prune_method not in PRUNE_METHODS:
+            raise ValueError(f"prune_method must be one of {PRUNE_METHODS}, got {self.prune_method!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     def replace(self, **overrides) -> "AIMConfig":
         """A copy with some fields changed (validated again)."""

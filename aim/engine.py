@@ -20,10 +20,10 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .baselines import last_token_importance, reduce_groups
 from .config import AIMConfig, visual_tokens_kept
 from .dispatch import pagerank_importance
 from .layout import VisualLayout
-from .merge import merge_tokens
 from .prune import select_tokens
 from .stats import AIMStats
 from .tokens import CacheState, TokenSet, attention_mask_4d, track_cache
@@ -131,9 +131,16 @@ class AIMTextForward:
         visual = layout.visual.to(device) & chunk_valid if layout is not None else torch.zeros_like(chunk_valid)
         tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove")
         visual_before = visual.sum(dim=1)
+        generator = torch.Generator().manual_seed(config.seed)  # the random baselines only
         if layout is not None and config.enabled and config.merge_schedule:
             tokens.hidden = tokens.hidden.clone()
-            tokens.keep(_merge_groups(tokens.hidden, layout.groups, config.merge_schedule, chunk_valid))
+            tokens.keep(_merge_groups(tokens.hidden, layout.groups, config, chunk_valid, generator))
+        kept_positions = [("merge", _visual_origins(tokens))] if controller.record_positions else None
+        # random ranking: one fixed random priority per prompt position, so removing and masking
+        # choose alike and each layer keeps a subset of the previous one
+        random_priority = (
+            torch.rand(chunk_valid.shape, generator=generator).to(device) if config.prune_method == "random" else None
+        )
         # counts live on the host: one device sync here, none per layer (decoding has no visual tokens)
         visual_counts = (tokens.valid & tokens.visual).sum(dim=1).tolist()
         text_counts = (tokens.valid & ~tokens.visual).sum(dim=1).tolist()
@@ -152,24 +159,26 @@ class AIMTextForward:
         for idx, layer in enumerate(model.layers):
             if idx > 0 and fewer(idx, current):
                 if captured:
-                    query = _heads_with_rope(captured["q"], captured["head_dim"], tokens.cos, tokens.sin)
-                    key = _heads_with_rope(captured["k"], captured["head_dim"], tokens.cos, tokens.sin)
-                    importance = pagerank_importance(
-                        query, key, tokens.valid, tau=config.tau, iterations=config.pagerank_iterations
-                    )
+                    importance = _importance(config, captured, tokens)
+                elif random_priority is not None:
+                    importance = random_priority.gather(1, tokens.origin)
                 else:  # every visual token goes: no ranking needed
                     importance = torch.zeros(tokens.valid.shape, device=device)
                 keep_visual = torch.tensor(targets[idx], device=device)
                 tokens.keep(select_tokens(importance, tokens.valid, tokens.visual, keep_visual))
                 current = targets[idx]
+                if kept_positions is not None:
+                    kept_positions.append((idx, _visual_origins(tokens)))
             captured = {}
-            wants_ranking = idx + 1 < num_layers and fewer(idx + 1, current) and any(targets[idx + 1])
+            wants_ranking = (
+                config.prune_method != "random" and idx + 1 < num_layers and fewer(idx + 1, current) and any(targets[idx + 1])
+            )
 
             layer_past = state.layer_valid[idx] if state else past_valid
             mask_key = (tokens.version, id(layer_past))  # layer_past stays referenced: ids are stable
             if mask_key not in masks:
                 key_valid = tokens.valid if layer_past is None else torch.cat([layer_past, tokens.valid], dim=1)
-                masks[mask_key] = (key_valid, _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, sdpa))
+                masks[mask_key] = (key_valid, _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, sdpa and layer_past is None))
             key_valid, mask = masks[mask_key]
             if wants_ranking:
                 captured["head_dim"] = layer.self_attn.head_dim
@@ -200,6 +209,8 @@ class AIMTextForward:
                 sequence_length_per_layer=[row[2] for row in stats_rows],
                 kv_cache_entries_per_layer=_cache_entries(past_key_values) if use_cache else None,
                 mode=config.prune_mode,
+                kept_visual_positions=kept_positions,
+                visual_groups=_group_positions(layout) if kept_positions is not None else None,
             )
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
 
@@ -208,16 +219,17 @@ def _has_aim_state(cache) -> bool:
     return cache is not None and getattr(cache, "_aim_state", None) is not None
 
 
-def _layer_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype, sdpa: bool) -> torch.Tensor | None:
+def _layer_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype, implicit_ok: bool) -> torch.Tensor | None:
     """The layer's 4-D mask, or None where sdpa's own causal mask is the same thing.
 
-    With every key valid and the queries being all the keys (a prefill) or one query (a decode
-    step), the mask is plain causal: passing None lets transformers' sdpa call use
-    ``is_causal``, whose kernels skip the upper triangle, as the unpatched model's do. Not for
-    eager (None there means no mask) and not for ``1 < query < keys`` (sdpa's ``is_causal`` is
-    top-left aligned).
+    `implicit_ok`: sdpa attention and nothing cached before this chunk in this layer (a
+    prefill). If every key is then valid, the mask is plain causal: None lets transformers'
+    sdpa call use ``is_causal``, whose kernels skip the upper triangle, as the unpatched
+    model's do. Not for eager (None means no mask there) and not with a cache (sdpa's
+    ``is_causal`` is top-left aligned and transformers then slices the keys). The check costs
+    one device sync per distinct mask of a prefill; decoding steps never make it.
     """
-    if sdpa and query_len in (1, key_valid.shape[1]) and bool(key_valid.all()):
+    if implicit_ok and query_len == key_valid.shape[1] and bool(key_valid.all()):
         return None
     return attention_mask_4d(key_valid, query_len, dtype)
 
@@ -225,7 +237,9 @@ def _layer_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype, sdp
 def _split_padding_mask(attention_mask, batch, length, past_len, device):
     """The chunk's padding mask and, for a cache AIM did not fill, the cached part's."""
     if attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device), None
+        # a cache AIM did not fill holds past_len valid entries in every layer
+        past = torch.ones(batch, past_len, dtype=torch.bool, device=device) if past_len else None
+        return torch.ones(batch, length, dtype=torch.bool, device=device), past
     if isinstance(attention_mask, dict) or attention_mask.ndim != 2:
         raise ValueError(
             "AIM builds its own attention masks and needs the 2-D padding mask (batch, sequence) "
@@ -241,7 +255,28 @@ def _split_padding_mask(attention_mask, batch, length, past_len, device):
     return mask[:, mask.shape[1] - length :], past
 
 
-def _merge_groups(hidden, groups, schedule, valid) -> torch.Tensor:
+def _importance(config: AIMConfig, captured: dict, tokens: TokenSet) -> torch.Tensor:
+    """Rank the current tokens from the previous layer's query / key states."""
+    query = _heads_with_rope(captured["q"], captured["head_dim"], tokens.cos, tokens.sin)
+    key = _heads_with_rope(captured["k"], captured["head_dim"], tokens.cos, tokens.sin)
+    if config.prune_method == "last_token":
+        return last_token_importance(query, key, tokens.valid)
+    return pagerank_importance(query, key, tokens.valid, tau=config.tau, iterations=config.pagerank_iterations)
+
+
+def _visual_origins(tokens: TokenSet) -> list[list[int]]:
+    """Input positions of each sample's visual tokens still present."""
+    present = tokens.valid & tokens.visual
+    return [tokens.origin[b][present[b]].tolist() for b in range(present.shape[0])]
+
+
+def _group_positions(layout: VisualLayout | None) -> list[list[list[int]]] | None:
+    if layout is None:
+        return None
+    return [[positions.tolist() for positions in sample] for sample in layout.groups]
+
+
+def _merge_groups(hidden, groups, config: AIMConfig, valid, generator) -> torch.Tensor:
     """Merge each sample's frame / crop groups in place in `hidden`; return the slots that stay."""
     keep = valid.clone()
     for sample, sample_groups in enumerate(groups):
@@ -251,7 +286,7 @@ def _merge_groups(hidden, groups, schedule, valid) -> torch.Tensor:
                 by_size.setdefault(positions.numel(), []).append(positions.to(hidden.device))
         for positions in by_size.values():
             stacked = torch.stack(positions)  # (groups, n)
-            merged = merge_tokens(hidden[sample, stacked], schedule)
+            merged = reduce_groups(hidden[sample, stacked], config.merge_schedule, config.merge_method, generator)
             survivors = stacked.gather(1, merged.index)
             hidden[sample, survivors] = merged.features
             keep[sample, stacked] = False

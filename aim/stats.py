@@ -20,6 +20,11 @@ class AIMStats:
         kv_cache_entries_per_layer: ``[layer]`` key/value positions held by each layer's cache
             after the prefill (read from the cache itself), or None without a cache.
         mode: ``"remove"``, ``"mask"`` or ``"off"``.
+        kept_visual_positions: only when recording (`aim.visualize.record_kept_tokens`):
+            ``[(stage, [positions per sample])]``, stage ``"merge"`` (what entered the LLM) then
+            each pruning layer's index; positions are indices into the prompt as given.
+        visual_groups: only when recording: ``[sample][group]`` the prompt positions of each
+            frame / crop before merging (row-major), to map positions back to frames.
     """
 
     input_tokens: list[int]
@@ -30,6 +35,8 @@ class AIMStats:
     sequence_length_per_layer: list[int]
     kv_cache_entries_per_layer: list[int] | None
     mode: str
+    kept_visual_positions: list[tuple[object, list[list[int]]]] | None = None
+    visual_groups: list[list[list[int]]] | None = None
 
     def as_dict(self) -> dict:
         """Plain-dict form (JSON-ready)."""

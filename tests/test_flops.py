@@ -290,6 +290,18 @@ def test_cli_sweep_marks_a_frontier(capsys):
     assert "Sweep" in out and 2 <= out.count("| *") < 30  # some settings are dominated
 
 
+def test_sweep_frontier_is_exactly_the_undominated_points():
+    inputs = F.video_input("llava-onevision-qwen2-7b", 8)
+    points = F.sweep("llava-onevision-qwen2-7b", inputs)
+
+    def dominated(p):
+        return any(q.prefill_flops <= p.prefill_flops and q.kv_cache_bytes >= p.kv_cache_bytes
+                   and (q.prefill_flops, q.kv_cache_bytes) != (p.prefill_flops, p.kv_cache_bytes) for q in points)
+
+    assert [p.frontier for p in points] == [not dominated(p) for p in points]
+    assert 2 <= sum(p.frontier for p in points) < len(points)
+
+
 def test_cli_plot_writes_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     target = tmp_path / "flops.png"

@@ -253,3 +253,18 @@ def test_cache_edits_keep_the_per_layer_masks_in_step():
     assert state.layer_valid[0].shape[0] == 2 and in_step()
     cache.crop(-3)
     assert cache.get_seq_length() == prompt - 3 and in_step()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_text_chunk_after_a_cache_filled_before_aim(attn):
+    # a cache AIM did not fill, continued by a multi-token chunk without attention_mask: the
+    # chunk must attend to every cached entry (sdpa's is_causal would attend to the wrong keys)
+    model = tiny("llava", attn)
+    ids = torch.randint(SPECIAL_IDS[-1] + 1, model.config.text_config.vocab_size, (1, 10),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        cache = model(input_ids=ids[:, :7], use_cache=True).past_key_values
+        apply_aim(model, **PRUNING)
+        chunk = model(input_ids=ids[:, 7:], past_key_values=cache).logits
+    torch.testing.assert_close(chunk, full[:, 7:], rtol=1e-4, atol=1e-4)

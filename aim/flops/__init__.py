@@ -11,7 +11,7 @@ query-key pairs a causal kernel computes (``n (n + 1) / 2``): closer to measured
 flash / sdpa ``is_causal`` kernels skip the upper triangle the paper's convention counts.
 
 Token counts use the engine's rounding, so they match ``aim.last_stats(model)``: each merge
-group (frame / crop) keeps ``merged_token_count(n, merge_schedule)`` tokens, and decoder layer
+group (frame / crop) keeps ``group_size_after_merge(n, merge_schedule, merge_method)`` tokens, and decoder layer
 ``l`` sees ``visual_tokens_kept(visual_in_llm, keep_ratios[l])`` visual tokens plus every text
 token (text is never pruned).
 

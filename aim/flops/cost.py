@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import AIMConfig, visual_tokens_kept
-from ..merge import merged_token_count
+from ..baselines import group_size_after_merge
 from .inputs import InputSpec
 from .model_spec import ModelSpec, load_model
 
@@ -136,7 +136,7 @@ def visual_tokens_per_layer(spec: ModelSpec, inputs: InputSpec, config: AIMConfi
     ratios = config.keep_ratios(num_layers)
     groups = inputs.visual_groups
     if config.merge_schedule:
-        groups = tuple(merged_token_count(g, config.merge_schedule) if g >= 2 else g for g in groups)
+        groups = tuple(group_size_after_merge(g, config.merge_schedule, config.merge_method) for g in groups)
     visual_in_llm = sum(groups) + inputs.marker_tokens
     return visual_in_llm, [visual_tokens_kept(visual_in_llm, r) for r in ratios]
 
@@ -284,7 +284,7 @@ def sweep(
             report = estimate(spec, inputs, config, dtype, attention)
             points.append(SweepPoint(keep, label, config, report.visual_tokens_in_llm, report.prefill_flops,
                                      report.kv_cache_bytes, report.decode_flops_per_token))
-    points.sort(key=lambda p: (p.prefill_flops, p.kv_cache_bytes))
+    points.sort(key=lambda p: (p.prefill_flops, -p.kv_cache_bytes))  # at equal FLOPs the larger cache dominates
 
     best_kv = -1
     for point in points:  # cheapest first: on the frontier when it keeps more than every cheaper setting

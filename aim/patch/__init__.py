@@ -78,9 +78,13 @@ def is_applied(model: torch.nn.Module) -> bool:
     return getattr(model, "_aim", None) is not None
 
 
-def last_stats(model: torch.nn.Module) -> AIMStats | None:
-    """Token counts of the model's last prefill under AIM (None before the first)."""
+def _controller_of(model: torch.nn.Module) -> Controller:
     controller: Controller | None = getattr(model, "_aim", None)
     if controller is None:
         raise ValueError(f"AIM is not applied to this {type(model).__name__}; call apply_aim(model) first")
-    return controller.last_stats
+    return controller
+
+
+def last_stats(model: torch.nn.Module) -> AIMStats | None:
+    """Token counts of the model's last prefill under AIM (None before the first)."""
+    return _controller_of(model).last_stats

@@ -71,6 +71,7 @@ class Controller:
         self.configure(config)
         self.saved: list[tuple[Any, str, Any]] = []
         self.last_stats: AIMStats | None = None
+        self.record_positions = False  # set by aim.visualize.record_kept_tokens
         self._recording: dict[str, list] | None = None
         self._input_ids: torch.Tensor | None = None
 

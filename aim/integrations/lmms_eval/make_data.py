@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="model class of --checkpoint: llava_onevision (for aim_llava_hf, default) or "
                         "qwen2_vl (for aim_qwen2_vl)")
     args = parser.parse_args(argv)
-    if Path(args.outdir).name in TASK_NAMES:
+    if Path(args.outdir).resolve().name in TASK_NAMES:
         # lmms-eval takes a task name that is also a folder in the working directory for that
         # folder, and then builds plain-prompt requests that its chat model classes cannot read
         parser.error(f"name the folder something other than a task name ({', '.join(TASK_NAMES)}), "
