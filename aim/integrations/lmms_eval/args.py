@@ -33,6 +33,9 @@ FIELD_KINDS: dict[str, str] = {
     "tau": "float",
     "pagerank_iterations": "int",
     "prune_mode": "str",
+    "merge_method": "str",
+    "prune_method": "str",
+    "seed": "int",
 }
 PLUGIN_OPTIONS = ("aim", "aim_output", "aim_flops")
 _TRUE = {"1", "true", "on", "yes", "y"}
