@@ -197,6 +197,7 @@ def test_analytic_matches_counted_flops(family, attn):
     assert stats.visual_tokens_after_merge == [aim.visual_tokens_in_llm]
     assert [row[0] for row in stats.tokens_per_layer] == aim.tokens_per_layer
     assert stats.kv_cache_entries_per_layer == aim.tokens_per_layer
+    assert F.prefill_flops(model.config, [row[0] for row in stats.tokens_per_layer]) == aim.prefill_flops
     kv_bytes = sum(entries * base.layers[0].kv_cache_bytes // base.layers[0].tokens
                    for entries in stats.kv_cache_entries_per_layer)
     assert kv_bytes == aim.kv_cache_bytes
@@ -352,3 +353,8 @@ def test_prefill_benchmark_quick_run():
     assert rows["baseline"]["analytic_ratio"] == 1.0
     assert 1.0 < rows["merge-only"]["analytic_ratio"] < rows["merge+prune"]["analytic_ratio"]
     assert "Goal (merge+prune)" in bench.format_result(result)
+
+
+def test_prefill_flops_from_token_counts_checks_the_depth():
+    with pytest.raises(ValueError, match="28 decoder layers"):
+        F.prefill_flops("llava-onevision-qwen2-7b", [100] * 27)

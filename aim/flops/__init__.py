@@ -30,6 +30,7 @@ from .cost import (
     SweepPoint,
     compare,
     estimate,
+    prefill_flops,
     sweep,
     vision_flops,
     visual_tokens_per_layer,
@@ -39,6 +40,6 @@ from .model_spec import MODEL_CONFIG_DIR, ModelSpec, builtin_models, load_model
 
 __all__ = [
     "DTYPE_BYTES", "MODEL_CONFIG_DIR", "TERA", "Comparison", "CostReport", "InputSpec", "LayerCost", "ModelSpec", "SweepPoint",
-    "builtin_models", "compare", "estimate", "image_input", "load_model", "sweep", "video_input", "vision_flops",
+    "builtin_models", "compare", "estimate", "image_input", "load_model", "prefill_flops", "sweep", "video_input", "vision_flops",
     "visual_tokens_per_layer",
 ]

@@ -141,6 +141,17 @@ def visual_tokens_per_layer(spec: ModelSpec, inputs: InputSpec, config: AIMConfi
     return visual_in_llm, [visual_tokens_kept(visual_in_llm, r) for r in ratios]
 
 
+def prefill_flops(model: Any, tokens_per_layer: list[int], attention: str = "full") -> int:
+    """Prefill FLOPs of the LLM decoder layers when layer ``l`` processes ``tokens_per_layer[l]``
+    tokens (e.g. one sample's column of ``aim.last_stats(model).tokens_per_layer``)."""
+    llm = load_model(model).llm
+    if len(tokens_per_layer) != llm.num_layers:
+        raise ValueError(f"got {len(tokens_per_layer)} token counts for {llm.num_layers} decoder layers")
+    if attention not in ("full", "causal"):
+        raise ValueError(f"attention must be 'full' (the paper's convention) or 'causal', got {attention!r}")
+    return sum(llm.prefill_flops(int(n), attention == "causal") for n in tokens_per_layer)
+
+
 def estimate(
     model: Any, inputs: InputSpec, config: AIMConfig | None = None, dtype: str = "bfloat16", attention: str = "full"
 ) -> CostReport:
@@ -183,7 +194,7 @@ def estimate(
                 visual_tokens=v,
                 linear_flops=2 * width * linear,
                 attention_flops=2 * llm.attention_macs(width, width, causal),
-                prefill_flops=2 * (width * linear + llm.attention_macs(width, width, causal)),
+                prefill_flops=llm.prefill_flops(width, causal),
                 kv_cache_bytes=width * llm.kv_bytes_per_token(elem),
                 decode_flops=2 * (linear + llm.attention_macs(1, width + 1)),
             )

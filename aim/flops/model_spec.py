@@ -65,6 +65,10 @@ class LLMShape:
             pairs -= queries * (queries - 1) // 2
         return 2 * pairs * self.num_heads * self.head_dim
 
+    def prefill_flops(self, tokens: int, causal: bool = False) -> int:
+        """FLOPs (2 x MACs) of one decoder layer's prefill over `tokens` tokens."""
+        return 2 * (tokens * self.linear_macs_per_token() + self.attention_macs(tokens, tokens, causal))
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes one token occupies in one layer's KV cache (keys and values)."""
         return 2 * self.num_kv_heads * self.head_dim * dtype_bytes

@@ -56,14 +56,12 @@ def flops_counter(hf_model: Any) -> tuple[Callable[[Sequence[int]], int] | None,
     except ImportError:
         return None, "aim.flops is not available: token counts only"
     try:
-        llm = aim_flops.load_model(hf_model.config).llm
-        linear = int(llm.linear_macs_per_token())
-        llm.attention_macs(1, 1)
+        spec = aim_flops.load_model(hf_model.config)
     except Exception as error:  # a model aim.flops cannot read: keep the token counts
         return None, f"aim.flops could not describe this model ({error}): token counts only"
 
     def count(tokens_per_layer: Sequence[int]) -> int:
-        return sum(2 * (n * linear + int(llm.attention_macs(n, n))) for n in tokens_per_layer)
+        return aim_flops.prefill_flops(spec, list(tokens_per_layer))
 
     return count, None
 
