@@ -42,14 +42,19 @@ def group_size_after_merge(num_tokens: int, schedule: Sequence[float], method: s
     if method == "random":
         return max(1, visual_tokens_kept(num_tokens, schedule[-1]))
     if method == "pool":
-        return pooled_side(num_tokens, schedule[-1]) ** 2
+        rows, cols = pooled_shape(num_tokens, schedule[-1])
+        return rows * cols
     raise ValueError(f"unknown merge method {method!r}")
 
 
-def pooled_side(num_tokens: int, keep: float) -> int:
-    """Output side of uniform pooling: the square grid closest to `keep` of the tokens."""
+def pooled_shape(num_tokens: int, keep: float) -> tuple[int, int]:
+    """Output grid ``(rows, cols)`` of uniform pooling: the grid whose size is closest to `keep`
+    of the tokens (square where possible, else one side longer)."""
     side = grid_side(num_tokens)
-    return min(side, max(1, math.floor(math.sqrt(num_tokens * keep) + 0.5)))
+    target = max(1.0, num_tokens * keep)
+    rows = min(side, max(1, math.floor(math.sqrt(target) + 0.5)))
+    cols = min(side, max(1, math.floor(target / rows + 0.5)))
+    return rows, cols
 
 
 def reduce_groups(
@@ -66,26 +71,29 @@ def reduce_groups(
         kept = features.gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
         return MergedTokens(kept, torch.ones(groups, target, device=features.device), index)
     if method == "pool":
-        return _pool(features, pooled_side(n, schedule[-1]))
+        return _pool(features, pooled_shape(n, schedule[-1]))
     raise ValueError(f"unknown merge method {method!r}")
 
 
-def _pool(features: torch.Tensor, out_side: int) -> MergedTokens:
-    """Adaptive average pooling of square grids (row-major tokens) to ``out_side x out_side``.
+def _pool(features: torch.Tensor, shape: tuple[int, int]) -> MergedTokens:
+    """Adaptive average pooling of square grids (row-major tokens) to ``rows x cols``.
     Each pooled token takes the position of the first (top-left) token of its region."""
     groups, n, dim = features.shape
     side = grid_side(n)
+    rows, cols = shape
     grid = features.float().view(groups, side, side, dim).permute(0, 3, 1, 2)
-    pooled = F.adaptive_avg_pool2d(grid, out_side).permute(0, 2, 3, 1).reshape(groups, out_side * out_side, dim)
-    # adaptive pooling's regions: [floor(i * side / out), ceil((i + 1) * side / out))
-    starts = [(i * side) // out_side for i in range(out_side)]
-    ends = [-((-(i + 1) * side) // out_side) for i in range(out_side)]
-    first = torch.tensor([r * side + c for r in starts for c in starts], device=features.device)
+    pooled = F.adaptive_avg_pool2d(grid, shape).permute(0, 2, 3, 1).reshape(groups, rows * cols, dim)
+    row_spans, col_spans = _regions(side, rows), _regions(side, cols)
+    first = torch.tensor([r0 * side + c0 for r0, _ in row_spans for c0, _ in col_spans], device=features.device)
     sizes = torch.tensor(
-        [float((re - rs) * (ce - cs)) for rs, re in zip(starts, ends) for cs, ce in zip(starts, ends)],
-        device=features.device,
+        [float((r1 - r0) * (c1 - c0)) for r0, r1 in row_spans for c0, c1 in col_spans], device=features.device
     )
     return MergedTokens(pooled.to(features.dtype), sizes.expand(groups, -1), first.expand(groups, -1))
+
+
+def _regions(size: int, out: int) -> list[tuple[int, int]]:
+    """adaptive_avg_pool's regions along one axis: ``[floor(i * size / out), ceil((i + 1) * size / out))``."""
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
 
 
 def last_token_importance(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

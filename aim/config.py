@@ -68,7 +68,7 @@ class AIMConfig:
             reference the public AIM code uses. Useful for checking and comparisons.
         merge_method: how each frame / crop is reduced before the LLM: ``"bipartite"`` (AIM's
             similarity merging), or the baselines ``"pool"`` (uniform spatial average pooling
-            of square grids to about the same count) and ``"random"`` (random dropping). The
+            of square grids to the closest rows x cols grid) and ``"random"`` (random dropping). The
             baselines only use the final fraction of `merge_schedule`.
         prune_method: how visual tokens are ranked at pruning layers: ``"pagerank"`` (AIM), or
             the baselines ``"last_token"`` (FastV: attention from the last token, mean over

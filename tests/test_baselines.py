@@ -20,7 +20,12 @@ def test_pool_averages_square_regions_hand_checked():
     assert pooled.index.tolist() == [[0, 2, 8, 10]]  # each region's top-left token
     assert pooled.sizes.tolist() == [[4.0, 4.0, 4.0, 4.0]]
     assert group_size_after_merge(16, (0.5, 0.25), "pool") == 4
-    assert group_size_after_merge(64, (0.5,), "pool") == 36  # the square closest to 32
+    assert group_size_after_merge(64, (0.5,), "pool") == 30  # 6 x 5, the grid closest to 32
+    assert group_size_after_merge(64, (0.3,), "pool") == 20  # 19.2 tokens: 4 x 5
+    pooled = reduce_groups(grid, (0.375,), "pool")  # 6 of 16: 2 x 3, regions of 2 rows x 1-2 columns
+    assert pooled.index.tolist() == [[0, 1, 2, 8, 9, 10]]
+    assert pooled.sizes.tolist() == [[4.0, 4.0, 4.0, 4.0, 4.0, 4.0]]
+    assert pooled.features.flatten().tolist() == [2.5, 3.5, 4.5, 10.5, 11.5, 12.5]
 
 
 def test_pool_refuses_non_square_groups():
