@@ -1,0 +1,383 @@
+"""Synthetic video and image QA whose answers need visual evidence spread over frames and space.
+
+Every example is generated from one integer seed (``numpy.random.default_rng(seed)``), so it is
+the same on every machine and independent of the batch it is drawn in. The splits use disjoint
+seed ranges (:data:`SPLIT_OFFSETS`): example ``i`` of split ``s`` has seed ``SPLIT_OFFSETS[s] + i``.
+
+Frames are textured backgrounds (smooth noise, stripes or gradients in muted, low-saturation
+colours, with a little per-frame grain), so most visual tokens are redundant as in real video, and
+a few saturated shapes carry the answer. Scenes and their questions (each answer one word):
+
+==================  ==============================================================  ===========
+kind                question (scene)                                                answers
+==================  ==============================================================  ===========
+motion_colour       colour of the object that moves (1-2 still distractors)         4 colours
+motion_direction    direction of its motion                                         4 directions
+motion_shape        shape of the moving object                                      3 shapes
+count               how many objects of a colour appear; each in its own frame     1-4
+event_time          when a single object flashes (visible in one frame only)        beginning/middle/end
+image_colour        colour of the single object of an image                         4 colours
+image_shape         its shape                                                       3 shapes
+image_position      where it is (left / right / top / bottom of the image)          4 positions
+==================  ==============================================================  ===========
+
+An :class:`Example` carries its pixels (uint8, ``(T, H, W, 3)`` for a video, ``(H, W, 3)`` for an
+image) and one or more :class:`QA` about them: the first is the example's question; the others
+(other questions about the same scene) are extra turns for training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35), "green": (35, 185, 55), "blue": (40, 75, 235), "yellow": (240, 220, 35),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+COUNTS = ("1", "2", "3", "4")
+TIMES = ("beginning", "middle", "end")
+POSITIONS = ("left", "right", "top", "bottom")
+
+#: answer vocabulary of every question kind (answers are drawn uniformly from it)
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "motion_colour": tuple(COLOURS),
+    "motion_direction": tuple(DIRECTIONS),
+    "motion_shape": SHAPES,
+    "count": COUNTS,
+    "event_time": TIMES,
+    "image_colour": tuple(COLOURS),
+    "image_shape": SHAPES,
+    "image_position": POSITIONS,
+}
+KINDS = tuple(ANSWERS)
+VIDEO_KINDS = ("motion_colour", "motion_direction", "motion_shape", "count", "event_time")
+IMAGE_KINDS = ("image_colour", "image_shape", "image_position")
+#: every answer word, in a fixed order (the closed answer vocabulary of the study)
+ANSWER_WORDS: tuple[str, ...] = tuple(dict.fromkeys(w for kind in KINDS for w in ANSWERS[kind]))
+#: words of the questions
+QUESTION_WORDS = tuple(
+    "what colour is the moving object ? which direction does move shape how many objects are there "
+    "in video when flash image where".split()
+)
+
+SPLIT_OFFSETS = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
+SPLIT_SIZE = 1_000_000_000  # seeds per split: the ranges never overlap
+
+NUM_FRAMES = 8
+FRAME_SIZE = 96
+HALF_SIZE = (10, 14)  # half-size range of a shape in pixels (a 20-28 px shape covers ~3x3 patches of 8 px)
+MAX_SCALE = 1.6  # largest shape-size multiplier (see make_example)
+SPEED = (0.04, 0.06)  # range of a moving shape's speed, in frame widths per frame (96 px: 3.8-5.8 px)
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question about an example's pixels, with its one-word answer."""
+
+    kind: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """Pixels (uint8 video ``(T, H, W, 3)`` or image ``(H, W, 3)``) and questions about them."""
+
+    pixels: np.ndarray
+    qa: tuple[QA, ...]
+    seed: int
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the pixels are a video (4-D) rather than an image."""
+        return self.pixels.ndim == 4
+
+    @property
+    def kind(self) -> str:
+        """Question kind of the example's (first) question."""
+        return self.qa[0].kind
+
+    @property
+    def question(self) -> str:
+        """The example's question."""
+        return self.qa[0].question
+
+    @property
+    def answer(self) -> str:
+        """The example's one-word answer."""
+        return self.qa[0].answer
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------
+
+
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation colour: a grey level with a small tint (channels within +-22 of it)."""
+    return rng.uniform(70, 170) + rng.uniform(-22, 22, size=3)
+
+
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A textured float background ``(size, size, 3)``: smooth noise, stripes or a gradient."""
+    a, b = _muted_colour(rng), _muted_colour(rng)
+    coords = np.arange(size, dtype=np.float32) / size
+    texture = rng.integers(3)
+    if texture == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
+        cells = int(rng.integers(3, 7))
+        grid = rng.uniform(0, 1, size=(cells + 1, cells + 1)).astype(np.float32)
+        pos = coords * cells
+        i = np.minimum(pos.astype(int), cells - 1)
+        f = pos - i
+        rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]  # (size, cells + 1)
+        weight = rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
+    elif texture == 1:  # stripes of random orientation and period
+        theta, period = rng.uniform(0, np.pi), rng.uniform(0.08, 0.3)
+        proj = np.cos(theta) * coords[None, :] + np.sin(theta) * coords[:, None]
+        weight = 0.5 + 0.5 * np.sin(2 * np.pi * proj / period + rng.uniform(0, 2 * np.pi))
+    else:  # linear gradient in a random direction
+        theta = rng.uniform(0, 2 * np.pi)
+        proj = np.cos(theta) * coords[None, :] + np.sin(theta) * coords[:, None]
+        weight = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-6)
+    return a + (b - a) * weight[..., None].astype(np.float32)
+
+
+def shape_masks(shape: str, cx: np.ndarray, cy: np.ndarray, half: float, size: int) -> np.ndarray:
+    """Boolean masks ``(n, size, size)`` of a filled shape centred at ``(cx[k], cy[k])``.
+
+    ``half`` is the half-size in pixels; triangles point up (apex at ``cy - half``).
+    """
+    ys = np.arange(size, dtype=np.float32)[None, :, None]
+    xs = np.arange(size, dtype=np.float32)[None, None, :]
+    dx = xs - np.asarray(cx, dtype=np.float32)[:, None, None]
+    dy = ys - np.asarray(cy, dtype=np.float32)[:, None, None]
+    if shape == "square":
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "circle":
+        return dx**2 + dy**2 <= half**2
+    if shape == "triangle":
+        return (dy >= -half) & (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+@dataclass
+class _Sprite:
+    shape: str
+    colour: str
+    half: float
+    cx: np.ndarray  # (T,) centre per frame
+    cy: np.ndarray
+    visible: np.ndarray  # (T,) bool
+
+    def box(self, t: int) -> tuple[float, float, float, float]:
+        return (self.cx[t] - self.half, self.cy[t] - self.half, self.cx[t] + self.half, self.cy[t] + self.half)
+
+
+def _render(rng: np.random.Generator, sprites: Sequence[_Sprite], frames: int, size: int) -> np.ndarray:
+    """Frames ``(T, size, size, 3)`` uint8: one background for the clip, per-frame grain, sprites."""
+    video = np.broadcast_to(background(rng, size), (frames, size, size, 3)).copy()
+    video += rng.normal(0.0, 3.0, size=(frames, size, size, 1)).astype(np.float32)
+    for sprite in sprites:
+        shown = np.flatnonzero(sprite.visible)
+        masks = shape_masks(sprite.shape, sprite.cx[shown], sprite.cy[shown], sprite.half, size)
+        tint = np.asarray(COLOURS[sprite.colour], dtype=np.float32) + rng.uniform(-12, 12, size=3)
+        for k, t in enumerate(shown):
+            video[t][masks[k]] = tint
+    return np.clip(video, 0, 255).astype(np.uint8)
+
+
+def _overlaps(box: tuple, others: Sequence[tuple], margin: float = 3.0) -> bool:
+    x0, y0, x1, y1 = box
+    return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin for b in others)
+
+
+def _still(rng: np.random.Generator, colour: str, frames: int, size: int, visible: np.ndarray,
+           avoid: Sequence[tuple], shape: str | None = None, region: tuple | None = None,
+           scale: float = 1.0) -> _Sprite | None:
+    """A still sprite placed off the boxes in ``avoid`` (``None`` if no place is found).
+
+    ``region``: ``(x_min, x_max, y_min, y_max)`` bounds of the centre; default the whole frame.
+    """
+    half = float(rng.uniform(*HALF_SIZE)) * scale
+    shape = shape or SHAPES[rng.integers(len(SHAPES))]
+    lo, hi = half + 2, size - half - 2
+    x_min, x_max, y_min, y_max = region or (lo, hi, lo, hi)
+    for _ in range(30):
+        cx, cy = rng.uniform(max(x_min, lo), min(x_max, hi)), rng.uniform(max(y_min, lo), min(y_max, hi))
+        box = (cx - half, cy - half, cx + half, cy + half)
+        if not _overlaps(box, avoid):
+            return _Sprite(shape, colour, half, np.full(frames, cx), np.full(frames, cy), visible)
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Scenes
+# ------------------------------------------------------------------------------------------
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def motion_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
+                 max_distractors: int = 2, scale: float = 1.0) -> tuple[np.ndarray, list[QA]]:
+    """One shape moves in a straight line; 0..``max_distractors`` still shapes of other colours."""
+    colour, shape, direction = _pick(rng, tuple(COLOURS)), _pick(rng, SHAPES), _pick(rng, tuple(DIRECTIONS))
+    half = float(rng.uniform(*HALF_SIZE)) * scale
+    # the whole path stays inside the frame (only binds for large ``scale``)
+    speed = min(float(rng.uniform(*SPEED)) * size, (size - 2 * half - 6) / max(frames - 1, 1))
+    travel = speed * (frames - 1)
+    dx, dy = DIRECTIONS[direction]
+    lo, hi = half + 2, size - half - 2
+    # start so that the whole path stays inside the frame
+    x0 = rng.uniform(lo - min(dx, 0) * travel, hi - max(dx, 0) * travel)
+    y0 = rng.uniform(lo - min(dy, 0) * travel, hi - max(dy, 0) * travel)
+    steps = np.arange(frames, dtype=np.float32) * speed
+    mover = _Sprite(shape, colour, half, x0 + dx * steps, y0 + dy * steps, np.ones(frames, bool))
+    sprites = [mover]
+    swept = (min(mover.cx) - half, min(mover.cy) - half, max(mover.cx) + half, max(mover.cy) + half)
+    avoid = [swept]
+    others = [c for c in COLOURS if c != colour]
+    for k in range(int(rng.integers(0, max_distractors + 1))):
+        still = _still(rng, others[int(rng.integers(len(others)))], frames, size, np.ones(frames, bool), avoid,
+                       scale=scale)
+        if still is not None:
+            sprites.append(still)
+            avoid.append(still.box(0))
+    pixels = _render(rng, sprites, frames, size)
+    qa = [
+        QA("motion_colour", "what colour is the moving object ?", colour),
+        QA("motion_direction", "which direction does the object move ?", direction),
+        QA("motion_shape", "what shape is the moving object ?", shape),
+    ]
+    return pixels, qa
+
+
+def count_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
+                scale: float = 1.0) -> tuple[np.ndarray, list[QA]]:
+    """1-4 shapes of a target colour, each visible in its own frame; 0-3 of a second colour likewise.
+
+    Extra QA (training): the count of the second colour when it appears.
+    """
+    target, second = (list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:2])
+    n_target = int(rng.integers(1, len(COUNTS) + 1))
+    n_second = int(rng.integers(0, min(len(COUNTS), frames - n_target)))
+    order = rng.permutation(frames)
+    sprites, boxes = [], {t: [] for t in range(frames)}
+    for k in range(n_target + n_second):
+        t = int(order[k])  # every object in its own frame: counting needs the whole clip
+        visible = np.zeros(frames, bool)
+        visible[t] = True
+        sprite = _still(rng, target if k < n_target else second, frames, size, visible, boxes[t], scale=scale)
+        assert sprite is not None  # alone in its frame: always placeable
+        sprites.append(sprite)
+        boxes[t].append(sprite.box(t))
+    pixels = _render(rng, sprites, frames, size)
+    qa = [QA("count", f"how many {target} objects are there in the video ?", str(n_target))]
+    if n_second:
+        qa.append(QA("count", f"how many {second} objects are there in the video ?", str(n_second)))
+    return pixels, qa
+
+
+def time_segments(frames: int) -> list[range]:
+    """Frame ranges of the beginning, middle and end of a clip (8 frames: 0-2, 3-4, 5-7)."""
+    a, b = round(frames / 3), round(2 * frames / 3)
+    return [range(0, a), range(a, b), range(b, frames)]
+
+
+def event_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
+                scale: float = 1.0) -> tuple[np.ndarray, list[QA]]:
+    """One shape flashes (is visible in a single frame) in the beginning, middle or end of the clip;
+    0-1 still shape of another colour is visible throughout."""
+    when = int(rng.integers(len(TIMES)))
+    segment = time_segments(frames)[when]
+    visible = np.zeros(frames, bool)
+    visible[segment[int(rng.integers(len(segment)))]] = True
+    colour = _pick(rng, tuple(COLOURS))
+    sprites, avoid = [], []
+    if rng.integers(2):
+        still = _still(rng, _pick(rng, [c for c in COLOURS if c != colour]), frames, size, np.ones(frames, bool), [],
+                       scale=scale)
+        sprites.append(still)
+        avoid.append(still.box(0))
+    flash = _still(rng, colour, frames, size, visible, avoid, scale=scale)
+    if flash is None:  # pragma: no cover - one still shape always leaves room
+        raise RuntimeError("could not place the flashing shape")
+    sprites.append(flash)
+    pixels = _render(rng, sprites, frames, size)
+    return pixels, [QA("event_time", "when does the object flash ?", TIMES[when])]
+
+
+def image_scene(rng: np.random.Generator, size: int = FRAME_SIZE, scale: float = 1.0) -> tuple[np.ndarray, list[QA]]:
+    """One shape on a textured background, in the left, right, top or bottom part of the image."""
+    colour, shape, position = _pick(rng, tuple(COLOURS)), _pick(rng, SHAPES), _pick(rng, POSITIONS)
+    near, mid = (0.0, size * 0.3), (size * 0.3, size * 0.7)
+    far = (size * 0.7, float(size))
+    region = {"left": near + mid, "right": far + mid, "top": mid + near, "bottom": mid + far}[position]
+    sprite = _still(rng, colour, 1, size, np.ones(1, bool), [], shape=shape, region=region, scale=scale)
+    pixels = _render(rng, [sprite], 1, size)[0]
+    qa = [
+        QA("image_colour", "what colour is the object in the image ?", colour),
+        QA("image_shape", "what shape is the object in the image ?", shape),
+        QA("image_position", "where is the object in the image ?", position),
+    ]
+    return pixels, qa
+
+
+# ------------------------------------------------------------------------------------------
+# Examples and splits
+# ------------------------------------------------------------------------------------------
+
+
+def make_example(seed: int, kind: str, frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
+                 scale: float = 1.0) -> Example:
+    """The example of ``kind`` generated from ``seed``; its first QA is of ``kind``, the other QA
+    are the scene's other questions (in a seeded random order).
+
+    ``scale`` multiplies the shapes' sizes (``MAX_SCALE`` at most; the splits, training and
+    evaluation use 1)."""
+    if kind not in ANSWERS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    if not 0.5 <= scale <= MAX_SCALE:
+        raise ValueError(f"scale must be in [0.5, {MAX_SCALE}], got {scale}")
+    rng = np.random.default_rng(seed)
+    if kind.startswith("motion_"):
+        pixels, qa = motion_scene(rng, frames, size, scale=scale)
+    elif kind == "count":
+        pixels, qa = count_scene(rng, frames, size, scale=scale)
+    elif kind == "event_time":
+        pixels, qa = event_scene(rng, frames, size, scale=scale)
+    else:
+        pixels, qa = image_scene(rng, size, scale=scale)
+    first = next(i for i, q in enumerate(qa) if q.kind == kind)
+    rest = [qa[i] for i in rng.permutation(len(qa)) if i != first]
+    return Example(pixels=pixels, qa=(qa[first], *rest), seed=seed)
+
+
+def split_seed(split: str, index: int) -> int:
+    """Seed of example ``index`` of ``split`` (``train``, ``val`` or ``test``)."""
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}")
+    if not 0 <= index < SPLIT_SIZE:
+        raise ValueError(f"index must be in [0, {SPLIT_SIZE}), got {index}")
+    return SPLIT_OFFSETS[split] + index
+
+
+def dataset(split: str, n: int, start: int = 0, kinds: Sequence[str] = KINDS,
+            frames: int = NUM_FRAMES, size: int = FRAME_SIZE) -> list[Example]:
+    """Examples ``start .. start + n - 1`` of ``split``; example ``i`` has kind ``kinds[i % len(kinds)]``,
+    so a split is balanced over the kinds."""
+    return list(stream(split, start, kinds, frames, size, stop=start + n))
+
+
+def stream(split: str, start: int = 0, kinds: Sequence[str] = KINDS, frames: int = NUM_FRAMES,
+           size: int = FRAME_SIZE, stop: int | None = None) -> Iterator[Example]:
+    """Examples ``start, start + 1, ...`` of ``split`` (endless unless ``stop`` is given)."""
+    index = start
+    while stop is None or index < stop:
+        yield make_example(split_seed(split, index), kinds[index % len(kinds)], frames, size)
+        index += 1

@@ -1,0 +1,211 @@
+"""The study: synthetic QA generator, batching into model inputs, and the shipped trained model."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from aim import apply_aim, last_stats, remove_aim
+from aim.study import data
+from aim.study.evaluate import chance_levels, evaluate
+from aim.study.model import (
+    DEFAULT_MODEL_DIR, build_model, build_tokenizer, load_default_model, model_inputs, to_inputs, visual_token_count,
+)
+
+# ------------------------------------------------------------------------------------------
+# Reading objects back from the pixels (independent of the generator's internals)
+# ------------------------------------------------------------------------------------------
+
+
+def colour_masks(frame: np.ndarray) -> dict[str, np.ndarray]:
+    """Pixels of each saturated colour in an (H, W, 3) uint8 frame, classified by hue."""
+    r, g, b = (frame[..., i].astype(int) for i in range(3))
+    saturated = frame.max(-1).astype(int) - frame.min(-1) > 90
+    masks = {
+        "red": saturated & (r > 150) & (g < 110) & (b < 110),
+        "yellow": saturated & (r > 150) & (g > 150) & (b < 110),
+        "green": saturated & (g > 120) & (r < 110) & (b < 110),
+        "blue": saturated & (b > 150) & (r < 110) & (g < 140),
+    }
+    return {name: mask for name, mask in masks.items() if mask.sum() > 20}
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def fill_ratio(mask: np.ndarray) -> float:
+    """Area over bounding-box area: ~1 square, ~0.79 circle, ~0.5 triangle."""
+    ys, xs = np.nonzero(mask)
+    return mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+
+
+def examples_of(kind: str, n: int, split: str = "test") -> list[data.Example]:
+    return data.dataset(split, n, kinds=(kind,))
+
+
+# ------------------------------------------------------------------------------------------
+# Generator
+# ------------------------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_by_seed():
+    a, b = data.dataset("train", 16), data.dataset("train", 16)
+    for x, y in zip(a, b):
+        assert np.array_equal(x.pixels, y.pixels) and x.qa == y.qa
+    # example i does not depend on where the stream starts
+    assert np.array_equal(data.dataset("train", 4, start=12)[0].pixels, a[12].pixels)
+    assert not np.array_equal(data.make_example(1, "count").pixels, data.make_example(2, "count").pixels)
+    assert {e.kind for e in a} == set(data.KINDS)  # balanced over the kinds
+    assert a[0].pixels.shape == (data.NUM_FRAMES, data.FRAME_SIZE, data.FRAME_SIZE, 3) and a[0].pixels.dtype == np.uint8
+    image = next(e for e in a if not e.is_video)
+    assert image.pixels.shape == (data.FRAME_SIZE, data.FRAME_SIZE, 3)
+
+
+def test_splits_are_disjoint():
+    seeds = {s: {data.split_seed(s, 0), data.split_seed(s, data.SPLIT_SIZE - 1)} for s in data.SPLIT_OFFSETS}
+    ranges = sorted((min(v), max(v)) for v in seeds.values())
+    assert all(hi < next_lo for (_, hi), (next_lo, _) in zip(ranges, ranges[1:]))
+    with pytest.raises(ValueError):
+        data.split_seed("test", data.SPLIT_SIZE)
+    # held out: no test example is also a training example (same kinds, same positions in the split)
+    train = {e.pixels.tobytes() for e in data.dataset("train", 48)}
+    assert not any(e.pixels.tobytes() in train for e in data.dataset("test", 48))
+
+
+def test_moving_object_colour_shape_and_direction_match_the_pixels():
+    for example in examples_of("motion_colour", 24):
+        answers = {q.kind: q.answer for q in example.qa}
+        tracks = [colour_masks(frame) for frame in example.pixels]
+        colours = set.intersection(*(set(t) for t in tracks))  # every object is visible throughout
+        moves = {c: centroid(tracks[-1][c]) - centroid(tracks[0][c]) for c in colours}
+        movers = [c for c, d in moves.items() if np.abs(d).max() > 10]
+        assert movers == [answers["motion_colour"]], (example.seed, moves)
+        dx, dy = moves[movers[0]]
+        direction = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert direction == answers["motion_direction"]
+        ratio = fill_ratio(tracks[0][movers[0]])
+        shape = "square" if ratio > 0.9 else "circle" if ratio > 0.65 else "triangle"
+        assert shape == answers["motion_shape"], (example.seed, ratio)
+
+
+def test_count_event_and_image_answers_match_the_pixels():
+    for example in examples_of("count", 12):
+        colour = example.question.split()[2]
+        frames_with = sum(colour in colour_masks(frame) for frame in example.pixels)
+        assert str(frames_with) == example.answer  # one object per frame
+    for example in examples_of("event_time", 12):
+        seen = [set(colour_masks(frame)) for frame in example.pixels]
+        # the flashing shape: the colour seen in one frame only (a still shape is seen in all)
+        (flash,) = [t for t, colours in enumerate(seen) if any(sum(c in s for s in seen) == 1 for c in colours)]
+        segment = next(i for i, r in enumerate(data.time_segments(len(seen))) if flash in r)
+        assert data.TIMES[segment] == example.answer
+    for example in examples_of("image_position", 12):
+        (mask,) = colour_masks(example.pixels).values()
+        x, y = centroid(mask) / data.FRAME_SIZE - 0.5
+        position = ("right" if x > 0 else "left") if abs(x) > abs(y) else ("bottom" if y > 0 else "top")
+        assert position == example.answer
+
+
+# ------------------------------------------------------------------------------------------
+# Model inputs
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return build_model(num_layers=2, hidden_size=32, vision_hidden=32, vision_layers=1)
+
+
+def test_inputs_have_the_visual_token_count_the_model_expects(small_model):
+    tokenizer = build_tokenizer()
+    examples = data.dataset("test", 8)  # 5 videos, 3 images, mixed in one batch
+    inputs = to_inputs(examples, tokenizer, small_model.config, turns=3)
+    config = small_model.config
+    placeholders = [(row == config.video_token_id).sum().item() + (row == config.image_token_id).sum().item()
+                    for row in inputs["input_ids"]]
+    with torch.no_grad():
+        video = small_model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+        image = small_model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]).pooler_output
+    assert video.shape[1] == visual_token_count(config, is_video=True) == 8 * 36 + 1  # 96 px frames: 12x12 patches, pooled 6x6
+    assert [len(f) for f in image] == [visual_token_count(config, is_video=False)] * 3 == [144 + 144 + 12] * 3
+    expected = [visual_token_count(config, e.is_video) for e in examples]
+    assert placeholders == expected
+    # left padding; the answer positions hold "assistant" and the answer ids are the answers' ids
+    assert (inputs["attention_mask"][:, -1] == 1).all()
+    rows = torch.arange(len(examples))[:, None].expand_as(inputs["answer_positions"])
+    keep = inputs["answer_ids"] != -100
+    assert (inputs["input_ids"][rows[keep], inputs["answer_positions"][keep]] == tokenizer.convert_tokens_to_ids("assistant")).all()
+    assert inputs["answer_ids"][:, 0].tolist() == tokenizer.convert_tokens_to_ids([e.answer for e in examples])
+    with torch.no_grad():  # the model accepts the batch (it checks placeholders against features)
+        small_model(**model_inputs(inputs), logits_to_keep=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="the video processor needs torchvision")
+def test_inputs_equal_the_real_processor(small_model):
+    from aim.study.model import build_processor
+
+    processor = build_processor(small_model)
+    for example in data.dataset("test", 6)[4:]:  # a video and an image
+        kind = "video" if example.is_video else "image"
+        content = [{"type": kind}, {"type": "text", "text": example.question}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        real = processor(text=[text], return_tensors="pt", **{f"{kind}s": [example.pixels]})
+        mine = to_inputs([example], processor, small_model.config)
+        assert torch.equal(real["input_ids"], mine["input_ids"])
+        key = "pixel_values_videos" if example.is_video else "pixel_values"
+        torch.testing.assert_close(real[key].float(), mine[key], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# The shipped trained model
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    if not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        pytest.fail(f"the trained default model is missing from {DEFAULT_MODEL_DIR}")
+    return load_default_model()
+
+
+def test_default_model_is_trained(default_model):
+    model, processor = default_model  # loaded with local_files_only: no hub access
+    examples = data.dataset("test", 64)  # 8 per kind, fixed
+    result = evaluate(model, processor, examples, batch_size=16)
+    chance = np.mean(list(chance_levels().values()))  # ~0.29; random weights score about that
+    assert result["accuracy"] > 2 * chance, result  # the shipped weights score ~0.70 here
+    per_kind = result["per_kind"]
+    assert all(per_kind[k]["accuracy"] >= 0.75 for k in ("motion_colour", "event_time", "image_colour")), result
+    assert sum(row["accuracy"] > row["chance"] for row in per_kind.values()) >= 6, result
+
+
+def test_evaluate_runs_on_the_model_patched_with_aim(default_model):
+    model, processor = default_model
+    examples = data.dataset("test", 16)
+    apply_aim(model)
+    try:
+        result = evaluate(model, processor, examples, batch_size=8)
+        stats = last_stats(model)
+        assert stats.visual_tokens_after_merge[0] < stats.visual_tokens_before_merge[0]
+        assert stats.tokens_per_layer[-1][0] < stats.tokens_per_layer[0][0]
+    finally:
+        remove_aim(model)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 16
+
+
+def test_training_is_deterministic_by_seed_and_saves_a_loadable_model(tmp_path):
+    from aim.study.train import train
+
+    tiny = dict(num_layers=1, hidden_size=32, vision_hidden=32, vision_layers=1)
+    runs = [train(tmp_path / name, steps=2, batch_size=2, warmup=1, eval_every=0, test_size=8,
+                  threads=torch.get_num_threads(), model_options=tiny, seed=seed)
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    models = [load_default_model(tmp_path / name)[0].state_dict() for name in "abc"]
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert not all(torch.equal(models[0][k], models[2][k]) for k in models[0])
+    assert runs[0]["loss_curve"] == [] and runs[0]["examples_seen"] == 4 and runs[0]["test"]["n"] == 8
+    assert (tmp_path / "a" / "training.json").is_file()
