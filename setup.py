@@ -17,7 +17,7 @@ setup(
         "tqdm",
     ],
     package_data={
-        "aim": ["model_configs/*/config.json"],
+        "aim": ["model_configs/*/config.json", "default_model/*"],
         "aim.integrations.lmms_eval": ["tasks/*.yaml"],
     },
     extras_require={

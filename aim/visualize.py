@@ -123,3 +123,39 @@ def render_kept_tokens(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def visualize_study_clip(
+    path: str | Path,
+    index: int = 0,
+    kind: str = "motion_direction",
+    max_stages: int | None = 6,
+    model_dir: str | Path | None = None,
+    **aim_options,
+) -> tuple[Path, dict]:
+    """Render the kept tokens of the embedded default model on test clip `index` of `kind`.
+
+    `aim_options` configure AIM as in `apply_aim` (default: the paper's schedule). Returns the
+    PNG path and what the model answered (``question``, ``answer``, ``predicted``).
+    """
+    from . import apply_aim, last_stats, remove_aim
+    from .study import data
+    from .study.evaluate import predict
+    from .study.model import load_default_model, model_inputs, to_inputs
+
+    if kind not in data.VIDEO_KINDS:
+        raise ValueError(f"kind must be a video question kind {data.VIDEO_KINDS}, got {kind!r}")
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
+    model, processor = load_default_model(model_dir)
+    example = data.make_example(data.split_seed("test", index), kind)
+    apply_aim(model, **aim_options)
+    try:
+        with torch.no_grad(), record_kept_tokens(model):
+            model(**model_inputs(to_inputs([example], processor, model.config)), logits_to_keep=1)
+        stats = last_stats(model)
+        predicted = predict(model, processor, [example])[0]
+    finally:
+        remove_aim(model)
+    out = render_kept_tokens(stats, example.pixels, path, max_stages=max_stages)
+    return out, {"question": example.question, "answer": example.answer, "predicted": predicted}

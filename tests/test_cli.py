@@ -1,30 +1,56 @@
-"""The `aim` console entry: the demo runs end to end and bad options are clear errors."""
+"""The `aim` console entry: the demo and the visualisation run end to end on the embedded trained
+model, and bad options are clear errors."""
 
 import json
 
 import pytest
 
+from aim import flops as F
 from aim.cli import main
+from aim.merge import merged_token_count
+from aim.study.model import load_default_model
 
 
-def test_demo_json(capsys):
-    assert main(["demo", "--frames", "2", "--repeats", "1", "--new-tokens", "2", "--json"]) == 0
+@pytest.fixture(scope="module")
+def default_config():
+    return load_default_model()[0].config
+
+
+def test_demo_json(capsys, default_config):
+    assert main(["demo", "--repeats", "1", "--questions", "5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     base, aim = report["baseline"], report["aim"]
-    assert base["visual_tokens_before_merge"] == aim["visual_tokens_before_merge"] == 2 * 196 + 1
-    assert aim["visual_tokens_entering_llm"] == 2 * 49 + 1  # paper default: 25% of each frame
+    spec = F.video_input(default_config, 8)
+    per_frame = spec.visual_groups[0]
+    assert base["visual_tokens_before_merge"] == aim["visual_tokens_before_merge"] == spec.visual_tokens
+    assert base["visual_tokens_entering_llm"] == spec.visual_tokens
+    # paper default: 25% of each frame (+ the video newline)
+    assert aim["visual_tokens_entering_llm"] == 8 * merged_token_count(per_frame, (0.5, 0.25)) + 1
     assert aim["kv_cache_entries"] < base["kv_cache_entries"]
-    assert len(aim["generated_ids"]) == 2
+    assert len(aim["answers"]) == len(base["answers"]) == 5
+    assert 0.0 <= aim["accuracy"] <= 1.0
 
 
 def test_demo_table(capsys):
-    assert main(["demo", "--frames", "1", "--repeats", "1", "--new-tokens", "1", "--merge-keep", "0.5"]) == 0
+    assert main(["demo", "--repeats", "1", "--questions", "5", "--merge-keep", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "tokens entering LLM" in out and "KV-cache MiB" in out and "prefill ms" in out
+    for label in ("tokens entering LLM", "KV-cache KiB", "prefill ms", "accuracy", "truth"):
+        assert label in out
 
 
-@pytest.mark.parametrize("argv", [["demo", "--merge-keep", "1.5"], ["demo", "--prune-start", "40"], ["demo", "--frames", "0"]])
-def test_demo_bad_options(argv, capsys):
+def test_visualize_writes_a_png(tmp_path, capsys):
+    target = tmp_path / "kept.png"
+    assert main(["visualize", "--out", str(target), "--index", "3", "--stages", "4"]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "truth:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--merge-keep", "1.5"], ["demo", "--prune-start", "40"], ["demo", "--frames", "0"],
+     ["visualize", "--kind", "image_colour"], ["visualize", "--index", "-1"]],
+)
+def test_bad_options(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
