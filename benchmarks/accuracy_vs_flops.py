@@ -1,0 +1,296 @@
+"""Accuracy against prefill FLOPs: AIM and token-reduction baselines on the trained study model.
+
+The embedded default model (``aim/default_model``, trained by ``python -m aim.study.train`` on
+the synthetic video QA of ``aim.study.data``) answers test-split questions while each method
+cuts its visual tokens to a FLOPs budget. Every method runs through the same engine
+(``apply_aim`` with a config), so only the choice of tokens differs:
+
+    AIM              bipartite merging per frame + PageRank pruning (default schedule), merge keep tuned
+    merge only       AIM's merging alone (stage a)
+    prune only       AIM's PageRank pruning alone (stage b), from layer 1, step tuned
+    random drop      random visual tokens per frame dropped before the LLM
+    uniform pool     each frame's token grid average-pooled to a smaller square
+    FastV            one pruning step after layer K, ranked by attention from the last token
+                     (K=2 of LLaVA's 32 layers in FastV; the same relative depth here)
+
+For each budget (fraction of the unchanged model's LLM prefill FLOPs) each method's knob is set
+by bisection on the analytic FLOPs model to the cheapest setting that does not exceed it; the
+FLOPs reported are then measured from the token counts each layer really processed
+(``aim.last_stats`` -> ``aim.flops.prefill_flops``), averaged over the test examples. A method
+whose cheapest setting is above a budget is reported as unreachable there.
+
+Second part, the paper's equal-compute claim: the unchanged model on fewer frames (every 2nd /
+4th frame) against AIM on all frames at the same FLOPs.
+
+    python benchmarks/accuracy_vs_flops.py                 # the README's run
+    python benchmarks/accuracy_vs_flops.py --quick         # a smoke run in about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aim import AIMConfig, apply_aim, last_stats, remove_aim  # noqa: E402
+from aim import flops as F  # noqa: E402
+from aim.config import default_prune_start_end  # noqa: E402
+from aim.study import data  # noqa: E402
+from aim.study.evaluate import evaluate  # noqa: E402
+from aim.study.model import load_default_model, to_inputs  # noqa: E402
+
+logger = logging.getLogger("accuracy_vs_flops")
+
+BUDGETS = (1.0, 0.5, 0.25, 0.15, 0.10)
+
+
+def fastv_layer(num_layers: int) -> int:
+    """FastV's K (layers 0..K-1 see every token): K=2 of LLaVA's 32 layers, at the same relative depth."""
+    return max(1, round(2 * num_layers / 32))
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    make: Callable[[float], AIMConfig]  # knob in [lo, hi] -> config
+    lo: float
+    hi: float
+    cheaper_when: str  # "lower": a lower knob costs fewer FLOPs; "higher": a higher knob does
+
+
+def methods(num_layers: int) -> list[Method]:
+    start, end = default_prune_start_end(num_layers)
+    k = fastv_layer(num_layers)
+    aim_step = 1.0 / max(end - start + 1, 1)
+    return [
+        Method("AIM", lambda m: AIMConfig(merge_keep=m, prune_start=start, prune_step=aim_step), 1 / 64, 1.0, "lower"),
+        Method("merge only", lambda m: AIMConfig(merge_keep=m, prune=False), 1 / 64, 1.0, "lower"),
+        Method("prune only", lambda s: AIMConfig(merge_schedule=(), prune_start=1, prune_step=s), 1e-3, 1.0, "higher"),
+        Method("random drop", lambda m: AIMConfig(merge_keep=m, merge_method="random", prune=False), 1 / 64, 1.0, "lower"),
+        Method("uniform pool", lambda m: AIMConfig(merge_keep=m, merge_method="pool", prune=False), 1 / 64, 1.0, "lower"),
+        Method(
+            "FastV",
+            lambda r: AIMConfig(
+                merge_schedule=(), prune_method="last_token",
+                prune_keep_ratios=(1.0,) * k + (r,) * (num_layers - k),
+            ),
+            0.0, 1.0, "lower",
+        ),
+    ]
+
+
+def describe(model, processor, examples) -> F.InputSpec:
+    """The analytic description of an average test prompt (frames x tokens per frame + text)."""
+    inputs = to_inputs(examples[:16], processor, model.config)
+    lengths = inputs["attention_mask"].sum(1).float()
+    frames = len(examples[0].pixels)
+    visual = F.video_input(model.config, frames)
+    text = int(round(float(lengths.mean()) - visual.visual_tokens))
+    return F.video_input(model.config, frames, text_tokens=text)
+
+
+def tune(method: Method, model, spec: F.InputSpec, budget: float, baseline_flops: int) -> AIMConfig | None:
+    """The cheapest-to-budget setting: the knob value whose analytic FLOPs are the largest not
+    above ``budget x baseline`` (None where even the cheapest setting is above it)."""
+    target = budget * baseline_flops
+
+    def cost(knob: float) -> int:
+        return F.estimate(model.config, spec, method.make(knob), dtype="float32").prefill_flops
+
+    cheap = method.lo if method.cheaper_when == "lower" else method.hi
+    dear = method.hi if method.cheaper_when == "lower" else method.lo
+    if cost(cheap) > target:
+        return None
+    if cost(dear) <= target:
+        return method.make(dear)
+    for _ in range(40):
+        mid = (cheap + dear) / 2
+        if cost(mid) <= target:
+            cheap = mid
+        else:
+            dear = mid
+    return method.make(cheap)
+
+
+def run(model, processor, examples, config: AIMConfig | None, batch_size: int) -> dict:
+    """Accuracy (overall and per kind) and mean measured LLM prefill FLOPs of one setting."""
+    flops: list[int] = []
+
+    def record(module, args, output):
+        stats = last_stats(module)
+        if stats is not None and stats is not record.seen:
+            record.seen = stats
+            for i in range(len(stats.input_tokens)):
+                flops.append(F.prefill_flops(module.config, [row[i] for row in stats.tokens_per_layer]))
+
+    record.seen = None
+    apply_aim(model, config if config is not None else AIMConfig(enabled=False))
+    handle = model.register_forward_hook(record)
+    try:
+        result = evaluate(model, processor, examples, batch_size=batch_size)
+    finally:
+        handle.remove()
+        remove_aim(model)
+    if len(flops) != len(examples):
+        raise RuntimeError(f"recorded {len(flops)} prefills for {len(examples)} examples")
+    result["prefill_flops"] = sum(flops) / len(flops)
+    return result
+
+
+def fewer_frames(examples, step: int):
+    return [dataclasses.replace(e, pixels=e.pixels[::step]) for e in examples]
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="study model folder (default: the shipped aim/default_model)")
+    parser.add_argument("--examples", type=int, default=1000, help="test-split video questions (default %(default)s)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
+                        help="fractions of the unchanged model's prefill FLOPs (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--plot", default="accuracy_vs_flops.png", help="PNG of the curves (default %(default)s)")
+    parser.add_argument("--json", default=None, help="also write every figure as JSON here")
+    parser.add_argument("--quick", action="store_true", help="40 examples, budgets 1 and 0.25: a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.examples, args.budgets = 40, [1.0, 0.25]
+    if any(not 0 < b <= 1 for b in args.budgets):
+        parser.error(f"budgets must be in (0, 1], got {args.budgets}")
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.perf_counter()
+
+    model, processor = load_default_model(args.model)
+    examples = data.dataset("test", args.examples, kinds=data.VIDEO_KINDS)
+    spec = describe(model, processor, examples)
+    num_layers = model.config.text_config.num_hidden_layers
+    baseline_flops = F.estimate(model.config, spec, None, dtype="float32").prefill_flops
+    chance = sum(1 / len(data.ANSWERS[k]) for k in data.VIDEO_KINDS) / len(data.VIDEO_KINDS)
+
+    runs = []
+    todo = [(m, b) for m in methods(num_layers) for b in sorted(args.budgets, reverse=True)]
+    baseline = run(model, processor, examples, None, args.batch_size)
+    for method, budget in tqdm(todo, desc="settings"):
+        config = None if budget >= 1.0 else tune(method, model, spec, budget, baseline_flops)
+        if budget >= 1.0:
+            result = baseline
+        elif config is None:
+            result = None
+        else:
+            result = run(model, processor, examples, config, args.batch_size)
+        runs.append(dict(method=method.name, budget=budget, config=dataclasses.asdict(config) if config else None,
+                         result=result))
+
+    frames = len(examples[0].pixels)
+    frame_rows = []
+    for step in (2, 4):
+        if frames // step < 1:
+            continue
+        few = fewer_frames(examples, step)
+        few_result = run(model, processor, few, None, args.batch_size)
+        budget = few_result["prefill_flops"] / baseline["prefill_flops"]
+        row = dict(frames=frames // step, baseline=few_result, budget=budget)
+        # AIM and its merging stage alone, each tuned to the fewer-frames run's FLOPs
+        for key, method in (("aim", methods(num_layers)[0]), ("merge_only", methods(num_layers)[1])):
+            config = tune(method, model, spec, budget, baseline_flops)
+            row[key] = run(model, processor, examples, config, args.batch_size) if config else None
+        frame_rows.append(row)
+
+    report(args, spec, examples, baseline, runs, frame_rows, chance, frames)
+    plot(args.plot, runs, baseline, chance)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(baseline=baseline, runs=runs, frames=frame_rows), indent=1))
+    print(f"\n(total {time.perf_counter() - started:.0f} s; plot: {args.plot})")
+    return 0
+
+
+def report(args, spec, examples, baseline, runs, frame_rows, chance, frames) -> None:
+    n = len(examples)
+    base_acc = baseline["accuracy"]
+    print(f"Model   {args.model or 'aim/default_model'} (trained study model), {spec.description}")
+    print(f"Test    {n} questions of the test split ({', '.join(data.VIDEO_KINDS)}), chance {chance:.1%}; "
+          f"+-{standard_error(base_acc, n):.1%} is one standard error at the baseline's accuracy")
+    print(f"FLOPs   LLM prefill, measured from the tokens each layer processed; the unchanged model: "
+          f"{baseline['prefill_flops'] / 1e9:.3f} GFLOPs per question\n")
+    budgets = sorted({r["budget"] for r in runs}, reverse=True)
+    names = list(dict.fromkeys(r["method"] for r in runs))
+    header = f"{'method':<14}" + "".join(f" | {f'{b:.0%} budget':>17}" for b in budgets)
+    print("Accuracy (FLOPs actually used, % of the unchanged model)")
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        cells = []
+        for b in budgets:
+            row = next(r for r in runs if r["method"] == name and r["budget"] == b)
+            res = row["result"]
+            if res is None:
+                cells.append(f"{'unreachable':>17}")
+            else:
+                used = res["prefill_flops"] / baseline["prefill_flops"]
+                cells.append(f"{res['accuracy']:>8.1%} ({used:>5.1%})")
+        print(f"{name:<14}" + "".join(f" | {c}" for c in cells))
+    print("\nPer question kind at the lowest budget each method reaches:")
+    kinds = list(baseline["per_kind"])
+    print(f"{'method':<14} {'FLOPs':>6}" + "".join(f" {k[:15]:>15}" for k in kinds))
+    print(f"{'unchanged':<14} {'100%':>6}" + "".join(f" {baseline['per_kind'][k]['accuracy']:>15.1%}" for k in kinds))
+    for name in names:
+        done = [r for r in runs if r["method"] == name and r["result"] is not None]
+        row = min(done, key=lambda r: r["budget"])
+        used = row["result"]["prefill_flops"] / baseline["prefill_flops"]
+        print(f"{name:<14} {used:>6.1%}" + "".join(f" {row['result']['per_kind'][k]['accuracy']:>15.1%}" for k in kinds))
+    print(f"\nEqual compute: fewer frames without AIM vs all {frames} frames with AIM (or its merging alone) "
+          f"at the same FLOPs")
+
+    def cell(result) -> str:
+        if result is None:
+            return f"{'unreachable':>20}"
+        return f"{result['accuracy']:>6.1%} ({result['prefill_flops'] / baseline['prefill_flops']:>5.1%} FLOPs)"
+
+    print(f"  {'frames':<8} {'unchanged model':>20}   {f'{frames} frames, AIM':>20}   {f'{frames} frames, merge only':>24}")
+    for row in frame_rows:
+        print(f"  {row['frames']:<8} {cell(row['baseline'])}   {cell(row['aim'])}   {cell(row['merge_only']):>24}")
+
+
+def plot(path: str, runs, baseline, chance) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(r["method"] for r in runs):
+        points = sorted(
+            (r["result"]["prefill_flops"] / baseline["prefill_flops"], r["result"]["accuracy"])
+            for r in runs if r["method"] == name and r["result"] is not None
+        )
+        ax.plot([p[0] * 100 for p in points], [p[1] * 100 for p in points], marker="o",
+                linewidth=2.2 if name == "AIM" else 1.2, label=name)
+    ax.axhline(chance * 100, color="grey", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("LLM prefill FLOPs, % of the unchanged model (log scale)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title("Synthetic video QA, trained study model")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
