@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .flops_cli import add_flops_parser, run_flops
+from .study.data import NUM_FRAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="baseline vs AIM on the embedded trained model and synthetic test clips")
-    demo.add_argument("--frames", type=int, default=8, help="video frames (default 8)")
+    demo.add_argument("--frames", type=int, default=NUM_FRAMES, help="video frames (default %(default)s)")
     demo.add_argument("--repeats", type=int, default=3, help="timed prefill repetitions, median reported")
     demo.add_argument("--questions", type=int, default=40, help="test questions for the accuracy (default 40)")
     _add_aim_options(demo)
@@ -37,12 +38,16 @@ def _add_aim_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-keep", type=float, default=None, help="fraction of each frame's tokens merging keeps")
     parser.add_argument("--prune-start", type=int, default=None, help="first layer with fewer visual tokens")
     parser.add_argument("--prune-step", type=float, default=None, help="fraction of visual tokens dropped per layer")
+    parser.add_argument("--no-prune", action="store_true", help="merge only: no pruning inside the LLM")
 
 
 def _aim_overrides(args: argparse.Namespace) -> dict:
     """The AIM options given on the command line (the others keep AIMConfig's defaults)."""
     given = {"merge_keep": args.merge_keep, "prune_start": args.prune_start, "prune_step": args.prune_step}
-    return {k: v for k, v in given.items() if v is not None}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if args.no_prune:
+        overrides["prune"] = False
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import apply_aim, last_stats
+from . import AIMConfig, apply_aim, last_stats
 from .study import data
 from .study.evaluate import evaluate
 from .study.model import load_default_model, model_inputs, to_inputs
@@ -66,6 +66,8 @@ def run_demo(
     if frames < 1 or repeats < 1 or questions < 1:
         raise ValueError("frames, repeats and questions must be >= 1")
     model, processor = load_default_model(attn_implementation=attn_implementation)
+    # bad AIM options fail here, before the baseline is measured
+    AIMConfig().replace(**aim_options).check_depth(model.config.text_config.num_hidden_layers)
     test = data.dataset("test", questions, kinds=data.VIDEO_KINDS, frames=frames)
     shown = test[: len(data.VIDEO_KINDS)]  # one question of each kind
     apply_aim(model, enabled=False)

@@ -90,6 +90,8 @@ def render_kept_tokens(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if max_stages is not None and max_stages < 3:
+        raise ValueError(f"max_stages must be at least 3 (input, merged, one pruning layer) or None, got {max_stages}")
     labels, kept = kept_grids(stats, sample)
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from aim import AIMConfig
 from aim import flops as F
 from aim.cli import main
 from aim.merge import merged_token_count
@@ -31,6 +32,27 @@ def test_demo_json(capsys, default_config):
     assert 0.0 <= aim["accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize(
+    "options, config",
+    [
+        (["--merge-keep", "0.5", "--prune-start", "6", "--prune-step", "0.5"],
+         AIMConfig(merge_keep=0.5, prune_start=6, prune_step=0.5)),
+        (["--no-prune"], AIMConfig(prune=False)),
+    ],
+)
+def test_demo_options_take_effect(options, config, capsys, default_config):
+    """The per-layer token counts the demo reports are those the FLOPs model predicts for the
+    configuration the options describe."""
+    assert main(["demo", "--repeats", "1", "--questions", "2", "--json", *options]) == 0
+    report = json.loads(capsys.readouterr().out)
+    base, aim = report["baseline"], report["aim"]
+    visual = F.video_input(default_config, 8).visual_tokens
+    spec = F.video_input(default_config, 8, text_tokens=base["tokens_entering_llm"] - visual)
+    expected = [layer.tokens for layer in F.estimate(default_config, spec, config).layers]
+    assert aim["tokens_per_layer"] == expected
+    assert base["tokens_per_layer"] == [base["tokens_entering_llm"]] * len(expected)
+
+
 def test_demo_table(capsys):
     assert main(["demo", "--repeats", "1", "--questions", "5", "--merge-keep", "0.5"]) == 0
     out = capsys.readouterr().out
@@ -48,7 +70,7 @@ def test_visualize_writes_a_png(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv",
     [["demo", "--merge-keep", "1.5"], ["demo", "--prune-start", "40"], ["demo", "--frames", "0"],
-     ["visualize", "--kind", "image_colour"], ["visualize", "--index", "-1"]],
+     ["visualize", "--kind", "image_colour"], ["visualize", "--index", "-1"], ["visualize", "--stages", "2"]],
 )
 def test_bad_options(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
