@@ -45,7 +45,7 @@ def _measure(model, processor, clip, shown, questions, repeats: int) -> dict:
         "tokens_entering_llm": stats.tokens_per_layer[0][0],
         "visual_tokens_before_merge": stats.visual_tokens_before_merge[0],
         "visual_tokens_entering_llm": stats.visual_tokens_after_merge[0],
-        "tokens_per_layer": [t[0] for t in stats.tokens_per_layer],
+        "tokens_per_layer": stats.tokens_per_layer_of(0),
         "kv_cache_entries": sum(stats.kv_cache_entries_per_layer),
         "kv_cache_bytes": _kv_bytes(out.past_key_values),
         "prefill_seconds": statistics.median(times),
@@ -66,15 +66,14 @@ def run_demo(
     if frames < 1 or repeats < 1 or questions < 1:
         raise ValueError("frames, repeats and questions must be >= 1")
     model, processor = load_default_model(attn_implementation=attn_implementation)
-    # bad AIM options fail here, before the baseline is measured
-    AIMConfig().replace(**aim_options).check_depth(model.config.text_config.num_hidden_layers)
+    config = AIMConfig().replace(**aim_options)
+    config.check_depth(model.config.text_config.num_hidden_layers)  # bad options fail before measuring
     test = data.dataset("test", questions, kinds=data.VIDEO_KINDS, frames=frames)
     shown = test[: len(data.VIDEO_KINDS)]  # one question of each kind
     apply_aim(model, enabled=False)
     baseline = _measure(model, processor, test[0], shown, test, repeats)
-    apply_aim(model, **aim_options)
+    apply_aim(model, config)
     aim = _measure(model, processor, test[0], shown, test, repeats)
-    config = model._aim.config
     if as_json:
         print(json.dumps({"config": repr(config), "baseline": baseline, "aim": aim}, indent=2))
         return 0

@@ -38,6 +38,10 @@ class AIMStats:
     kept_visual_positions: list[tuple[object, list[list[int]]]] | None = None
     visual_groups: list[list[list[int]]] | None = None
 
+    def tokens_per_layer_of(self, sample: int) -> list[int]:
+        """``[layer]`` tokens each decoder layer processed for prompt ``sample`` of the batch."""
+        return [row[sample] for row in self.tokens_per_layer]
+
     def as_dict(self) -> dict:
         """Plain-dict form (JSON-ready)."""
         return asdict(self)

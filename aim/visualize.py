@@ -143,7 +143,7 @@ def visualize_study_clip(
     from . import apply_aim, last_stats, remove_aim
     from .study import data
     from .study.evaluate import predict
-    from .study.model import load_default_model, model_inputs, to_inputs
+    from .study.model import load_default_model
 
     if kind not in data.VIDEO_KINDS:
         raise ValueError(f"kind must be a video question kind {data.VIDEO_KINDS}, got {kind!r}")
@@ -154,9 +154,8 @@ def visualize_study_clip(
     apply_aim(model, **aim_options)
     try:
         with torch.no_grad(), record_kept_tokens(model):
-            model(**model_inputs(to_inputs([example], processor, model.config)), logits_to_keep=1)
+            predicted = predict(model, processor, [example])[0]  # the one prefill that is drawn
         stats = last_stats(model)
-        predicted = predict(model, processor, [example])[0]
     finally:
         remove_aim(model)
     out = render_kept_tokens(stats, example.pixels, path, max_stages=max_stages)

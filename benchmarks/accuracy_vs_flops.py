@@ -99,6 +99,11 @@ def methods(num_layers: int) -> list[Method]:
     ]
 
 
+def analytic(model, spec: F.InputSpec, config: AIMConfig | None) -> F.CostReport:
+    """The FLOPs model's report of ``config`` (None: the unchanged model) on ``spec``, float32."""
+    return F.estimate(model.config, spec, config, dtype="float32")
+
+
 def describe(model, processor, examples) -> F.InputSpec:
     """The analytic description of an average test prompt (frames x tokens per frame + text)."""
     inputs = to_inputs(examples[:16], processor, model.config)
@@ -115,7 +120,7 @@ def tune(method: Method, model, spec: F.InputSpec, budget: float, baseline_flops
     target = budget * baseline_flops
 
     def cost(knob: float) -> int:
-        return F.estimate(model.config, spec, method.make(knob), dtype="float32").prefill_flops
+        return analytic(model, spec, method.make(knob)).prefill_flops
 
     cheap = method.lo if method.cheaper_when == "lower" else method.hi
     dear = method.hi if method.cheaper_when == "lower" else method.lo
@@ -134,7 +139,7 @@ def tune(method: Method, model, spec: F.InputSpec, budget: float, baseline_flops
 
 def few_visual_layers(model, spec: F.InputSpec, config: AIMConfig | None) -> bool:
     """Whether ``config`` leaves visual tokens in fewer than half of the LLM layers."""
-    layers = F.estimate(model.config, spec, config, dtype="float32").layers
+    layers = analytic(model, spec, config).layers
     return 2 * sum(layer.visual_tokens > 0 for layer in layers) < len(layers)
 
 
@@ -147,7 +152,7 @@ def run(model, processor, examples, config: AIMConfig | None, batch_size: int) -
         if stats is not None and stats is not record.seen:
             record.seen = stats
             for i in range(len(stats.input_tokens)):
-                flops.append(F.prefill_flops(module.config, [row[i] for row in stats.tokens_per_layer]))
+                flops.append(F.prefill_flops(module.config, stats.tokens_per_layer_of(i)))
 
     record.seen = None
     apply_aim(model, config if config is not None else AIMConfig(enabled=False))
@@ -193,21 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     examples = data.dataset("test", args.examples, kinds=data.VIDEO_KINDS)
     spec = describe(model, processor, examples)
     num_layers = model.config.text_config.num_hidden_layers
-    baseline_flops = F.estimate(model.config, spec, None, dtype="float32").prefill_flops
+    baseline_flops = analytic(model, spec, None).prefill_flops
     chance = sum(1 / len(data.ANSWERS[k]) for k in data.VIDEO_KINDS) / len(data.VIDEO_KINDS)
 
     runs = []
-    todo = [(m, b) for m in methods(num_layers) for b in sorted(args.budgets, reverse=True)]
+    by_name = {method.name: method for method in methods(num_layers)}
+    todo = [(m, b) for m in by_name.values() for b in sorted(args.budgets, reverse=True)]
     baseline = run(model, processor, examples, None, args.batch_size)
     for method, budget in tqdm(todo, desc="settings"):
-        config = None if budget >= 1.0 else tune(method, model, spec, budget, baseline_flops)
-        if budget >= 1.0:
-            result = baseline
-        elif config is None:
-            result = None
-        else:
-            result = run(model, processor, examples, config, args.batch_size)
-            result["few_visual_layers"] = few_visual_layers(model, spec, config)
+        config, result = None, baseline
+        if budget < 1.0:
+            config = tune(method, model, spec, budget, baseline_flops)
+            result = None if config is None else run(model, processor, examples, config, args.batch_size)
+            if result is not None:
+                result["few_visual_layers"] = few_visual_layers(model, spec, config)
         runs.append(dict(method=method.name, budget=budget, config=dataclasses.asdict(config) if config else None,
                          result=result))
 
@@ -215,18 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     frame_rows = []
     vision_all = F.vision_flops(model.config, spec) or 0
     for step in (2, 4):
-        if frames // step < 1:
-            continue
         few = fewer_frames(examples, step)
         few_result = run(model, processor, few, None, args.batch_size)
         few_spec = F.video_input(model.config, len(few[0].pixels), text_tokens=spec.text_tokens)
         # the budget from the analytic model on both sides, as tune() compares analytic costs
-        budget = F.estimate(model.config, few_spec, None, dtype="float32").prefill_flops / baseline_flops
-        row = dict(frames=frames // step, baseline=few_result, budget=budget,
+        budget = analytic(model, few_spec, None).prefill_flops / baseline_flops
+        row = dict(frames=len(few[0].pixels), baseline=few_result, budget=budget,
                    vision_flops=F.vision_flops(model.config, few_spec) or 0, vision_flops_all_frames=vision_all)
         # AIM and its merging stage alone, each tuned to the fewer-frames run's FLOPs
-        for key, method in (("aim", methods(num_layers)[0]), ("merge_only", methods(num_layers)[1])):
-            config = tune(method, model, spec, budget, baseline_flops)
+        for key, name in (("aim", "AIM"), ("merge_only", "merge only")):
+            config = tune(by_name[name], model, spec, budget, baseline_flops)
             row[key] = run(model, processor, examples, config, args.batch_size) if config else None
         frame_rows.append(row)
 
