@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import AIMConfig, apply_aim, last_stats
+from .compat import output_cache
 from .study import data
 from .study.evaluate import evaluate
 from .study.model import load_default_model, model_inputs, to_inputs
@@ -47,7 +48,7 @@ def _measure(model, processor, clip, shown, questions, repeats: int) -> dict:
         "visual_tokens_entering_llm": stats.visual_tokens_after_merge[0],
         "tokens_per_layer": stats.tokens_per_layer_of(0),
         "kv_cache_entries": sum(stats.kv_cache_entries_per_layer),
-        "kv_cache_bytes": _kv_bytes(out.past_key_values),
+        "kv_cache_bytes": _kv_bytes(output_cache(out)),
         "prefill_seconds": statistics.median(times),
         "accuracy": accuracy["accuracy"],
         "answers": answers,

@@ -1,7 +1,8 @@
 """The LLM forward that merges and prunes visual tokens.
 
 It replaces the forward of the model's text decoder (``model.model.language_model``)
-while AIM is applied. Written for transformers 5.x decoder stacks (tested on 5.23):
+while AIM is applied. Written for transformers 5.x decoder stacks (tested on 5.0-5.24; the
+cache argument's name differs across them, see `aim.compat`):
 ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` returning ``(cos, sin)`` of shape
 ``(batch, seq, head_dim)``, layers taking ``position_embeddings`` and a 4-D mask.
 
@@ -19,6 +20,8 @@ import logging
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from . import compat
 
 from .baselines import last_token_importance, reduce_groups
 from .config import AIMConfig, visual_tokens_kept
@@ -66,30 +69,34 @@ class AIMTextForward:
     def __init__(self, text_model: torch.nn.Module, controller) -> None:
         self.text_model = text_model
         self.controller = controller
+        # the names this release gives the cache argument (see aim.compat): read once, here
+        self.text_cache_arg = compat.cache_argument(controller.original_text_forward)
+        self.layer_cache_arg = compat.cache_argument(type(text_model.layers[0]).forward)
 
     def __call__(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        # the cache arrives as `cache` (transformers >= 5.24) or `past_key_values` (before)
+        cache = compat.given_cache(kwargs)
         controller = self.controller
         layout: VisualLayout | None = controller.take_layout()
         config: AIMConfig = controller.config
         model = self.text_model
         num_layers = len(model.layers)
-        if config.is_identity(num_layers) and not _has_aim_state(past_key_values):
+        if config.is_identity(num_layers) and not _has_aim_state(cache):
             output = controller.original_text_forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                **{self.text_cache_arg: cache},
                 **kwargs,
             )
             if layout is not None:
@@ -109,17 +116,17 @@ class AIMTextForward:
             inputs_embeds = model.embed_tokens(input_ids)
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=model.config)
-        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+        if use_cache and cache is None:
+            cache = DynamicCache(config=model.config)
+        if cache is not None and not isinstance(cache, DynamicCache):
             raise NotImplementedError(
                 f"AIM keeps a different number of tokens per layer and needs a DynamicCache; got "
-                f"{type(past_key_values).__name__} (static / sliding caches are not supported)"
+                f"{type(cache).__name__} (static / sliding caches are not supported)"
             )
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
-        state: CacheState | None = getattr(past_key_values, "_aim_state", None)
-        past_len = state.seen_tokens if state else (past_key_values.get_seq_length() if past_key_values else 0)
+        state: CacheState | None = getattr(cache, "_aim_state", None)
+        past_len = state.seen_tokens if state else (cache.get_seq_length() if cache else 0)
 
         chunk_valid, past_valid = _split_padding_mask(attention_mask, batch, length, past_len, device)
         if position_ids is None:
@@ -188,8 +195,8 @@ class AIMTextForward:
                     tokens.hidden,
                     attention_mask=mask,
                     position_embeddings=(tokens.cos, tokens.sin),
-                    past_key_values=past_key_values,
                     use_cache=use_cache,
+                    **{self.layer_cache_arg: cache},
                     **layer_kwargs,
                 )
             tokens.hidden = out[0] if isinstance(out, tuple) else out
@@ -198,7 +205,7 @@ class AIMTextForward:
 
         hidden = model.norm(tokens.outputs())
         if use_cache:
-            track_cache(past_key_values, CacheState(seen_tokens=past_len + length, layer_valid=new_layer_valid))
+            track_cache(cache, CacheState(seen_tokens=past_len + length, layer_valid=new_layer_valid))
         if layout is not None or state is None:
             controller.last_stats = AIMStats(
                 input_tokens=chunk_valid.sum(1).tolist(),
@@ -207,12 +214,12 @@ class AIMTextForward:
                 tokens_per_layer=[row[0] for row in stats_rows],
                 visual_tokens_per_layer=[row[1] for row in stats_rows],
                 sequence_length_per_layer=[row[2] for row in stats_rows],
-                kv_cache_entries_per_layer=_cache_entries(past_key_values) if use_cache else None,
+                kv_cache_entries_per_layer=_cache_entries(cache) if use_cache else None,
                 mode=config.prune_mode,
                 kept_visual_positions=kept_positions,
                 visual_groups=_group_positions(layout) if kept_positions is not None else None,
             )
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+        return compat.model_output(hidden, cache if use_cache else None)
 
 
 def _has_aim_state(cache) -> bool:
@@ -303,7 +310,7 @@ def _unchanged_stats(layout: VisualLayout, attention_mask, output, num_layers: i
     valid = attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool)
     visual = (layout.visual.to(valid.device) & valid).sum(1).tolist()
     tokens = valid.sum(1).tolist()
-    cache = output.past_key_values
+    cache = compat.output_cache(output)
     return AIMStats(
         input_tokens=tokens,
         visual_tokens_before_merge=visual,

@@ -47,6 +47,7 @@ import transformers as tf  # noqa: E402
 
 from aim import AIMConfig, apply_aim, last_stats, remove_aim  # noqa: E402
 from aim import flops as F  # noqa: E402
+from aim.compat import output_cache  # noqa: E402
 from aim.tiny import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, VIDEO_ID, make_inputs  # noqa: E402
 
 CONFIGS = {
@@ -197,7 +198,7 @@ class PrefillTimer:
             out = model(**inputs, use_cache=True, logits_to_keep=1)
             _sync(self.device)
             t1, cpu1 = time.perf_counter(), time.process_time()
-        cache = out.past_key_values
+        cache = output_cache(out)
         kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         return {
             "total_s": t1 - t0,

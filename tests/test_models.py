@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from aim import AIMConfig, apply_aim, is_applied, last_stats, remove_aim
+from aim.compat import cache_argument, output_cache
 from aim.merge import merged_token_count
 from aim.tiny import build_tiny_model, make_inputs
 
@@ -103,7 +104,7 @@ def test_layer_lengths_and_cache_follow_the_schedule(family, kind):
     expected_visual = [int(merged * r + 0.5) for r in (1.0, 0.5, 0.25, 0.0)]
     assert [v[0] for v in stats.visual_tokens_per_layer] == expected_visual
     assert [t[0] for t in stats.tokens_per_layer] == [text + v for v in expected_visual]
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [text + v for v in expected_visual]
     assert stats.kv_cache_entries_per_layer == [text + v for v in expected_visual]
 
@@ -136,6 +137,46 @@ def test_generate_with_cache_equals_recomputation(family, kind):
                 new = step.argmax(-1, keepdim=True) if name == "input_ids" else torch.full_like(steps[name][:, :1], name == "attention_mask")
                 steps[name] = torch.cat([steps[name], new], 1)
     assert generated[:, prompt_len:].tolist() == steps["input_ids"][:, prompt_len:].tolist()
+
+
+@pytest.mark.parametrize("family, kind", CASES, ids=CASE_IDS)
+def test_every_decoding_step_runs_on_the_cache_it_was_given(family, kind, caplog):
+    """Each decoder layer of every generate() step gets one and the same cache, and at a decoding
+    step that layer's cache already holds the prompt and the tokens before it. transformers 5.24
+    renamed the argument: passing the old name there decodes without the cache, silently."""
+    model = tiny(family)
+    apply_aim(model, **PRUNING)
+    inputs = make_inputs(model, kind=kind, batch_size=1, text_lengths=(5,))
+    layers = model.model.language_model.layers
+    arg = cache_argument(type(layers[0]).forward)
+    calls = []
+
+    def record(layer_idx):
+        def hook(module, args, kwargs):
+            cache = kwargs.get(arg)
+            cached = cache.layers[layer_idx].keys if cache is not None and len(cache.layers) > layer_idx else None
+            width = (args[0] if args else kwargs["hidden_states"]).shape[1]
+            calls.append((layer_idx, width, cache, 0 if cached is None or cached.numel() == 0 else cached.shape[-2]))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad(), caplog.at_level("WARNING"):
+            model.generate(**inputs, **GREEDY)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == len(layers) * GREEDY["max_new_tokens"]
+    assert all(cache is not None for _, _, cache, _ in calls), "a decoder layer ran without a cache"
+    assert len({id(cache) for _, _, cache, _ in calls}) == 1, "generate() steps ran on different caches"
+    for idx in range(len(layers)):
+        steps = [(width, held) for layer_idx, width, _, held in calls if layer_idx == idx]
+        prefill_width, _ = steps[0]
+        assert prefill_width > 1 and all(width == 1 for width, _ in steps[1:])
+        held = [h for _, h in steps[1:]]
+        assert held[0] > 0, f"layer {idx}: the first decoding step found an empty cache"
+        assert held == list(range(held[0], held[0] + len(held))), f"layer {idx}: cache did not grow by one per step"
+    assert "deprecated" not in caplog.text  # aim passes the cache under this release's own name
 
 
 @pytest.mark.parametrize("family, kind", CASES, ids=CASE_IDS)
@@ -236,7 +277,7 @@ def test_cache_edits_keep_the_per_layer_masks_in_step():
     apply_aim(model, **PRUNING)
     inputs = make_inputs(model, kind="video", batch_size=2, text_lengths=(3, 8))
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     state = cache._aim_state
     prompt = inputs["input_ids"].shape[1]
     assert cache.get_seq_length() == prompt  # original positions, not layer 0's entry count
@@ -264,7 +305,7 @@ def test_text_chunk_after_a_cache_filled_before_aim(attn):
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(input_ids=ids).logits
-        cache = model(input_ids=ids[:, :7], use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids[:, :7], use_cache=True))
         apply_aim(model, **PRUNING)
-        chunk = model(input_ids=ids[:, 7:], past_key_values=cache).logits
+        chunk = model(input_ids=ids[:, 7:], **{cache_argument(model.forward): cache}).logits
     torch.testing.assert_close(chunk, full[:, 7:], rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from .. import compat
 from ..config import AIMConfig
 from ..stats import AIMStats
 from .base import Controller, Family
@@ -50,6 +51,7 @@ def apply_aim(model: torch.nn.Module, config: AIMConfig | None = None, **overrid
     Returns the same model, for chaining.
     """
     family = family_for(model)
+    compat.warn_if_untested()
     config = (config or AIMConfig()).replace(**overrides) if overrides else (config or AIMConfig())
     controller: Controller | None = getattr(model, "_aim", None)
     if controller is not None:
