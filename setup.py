@@ -2,6 +2,14 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+EVAL = [
+    "lmms-eval>=0.7.3",
+    "decord",  # lmms-eval's llava_hf imports it at module level
+    # filelock 4.3 removed the module filelock._api, which lmms-eval 0.7.3 imports when it evaluates
+    # ("No module named 'filelock._api'"); lift this once an lmms-eval release no longer imports it
+    "filelock<4.3",
+]
+
 setup(
     name="aim-mllm",
     version="0.1.0",
@@ -12,7 +20,8 @@ setup(
     packages=find_packages(include=["aim", "aim.*", "kernels", "kernels.*"]),
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        # the lowest release the whole suite ran on (.ci/run tests it and the newest); see aim/compat.py
+        "transformers>=5.21,<6",
         "numpy",
         "tqdm",
     ],
@@ -23,9 +32,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],
-        # decord: lmms-eval's llava_hf imports it at module level
-        "eval": ["lmms-eval>=0.7.3", "decord"],
-        "test": ["pytest>=8,<10", "triton>=3.0", "matplotlib", "lmms-eval>=0.7.3", "decord"],
+        "eval": EVAL,
+        "test": ["pytest>=8,<10", "triton>=3.0", "matplotlib", *EVAL],
     },
     entry_points={
         "console_scripts": ["aim=aim.cli:main"],

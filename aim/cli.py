@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from .flops_cli import add_flops_parser, run_flops
-from .study.data import NUM_FRAMES
+from .optional import MissingDependency, require
+from .study.data import NUM_FRAMES, VIDEO_KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,14 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON")
 
-    add_flops_parser(commands)
+    flops = add_flops_parser(commands)
 
     vis = commands.add_parser("visualize", help="draw which visual tokens AIM keeps on a test clip (PNG)")
     vis.add_argument("--out", default="aim_kept_tokens.png", help="PNG to write (default %(default)s)")
     vis.add_argument("--index", type=int, default=0, help="test clip index (default 0)")
-    vis.add_argument("--kind", default="motion_direction", help="question kind of the clip (default %(default)s)")
+    vis.add_argument("--kind", default="motion_direction", choices=VIDEO_KINDS, help="question kind of the clip (default %(default)s)")
     vis.add_argument("--stages", type=int, default=6, help="at most this many rows: input, merged, pruning layers")
     _add_aim_options(vis)
+    for command in (demo, flops, vis):
+        command.set_defaults(_command_parser=command)
     return parser
 
 
@@ -50,37 +54,50 @@ def _aim_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+# the Python names in library error messages, as the options the user typed
+_OPTION_NAMES = {
+    "merge_keep": "--merge-keep", "prune_start": "--prune-start", "prune_step": "--prune-step",
+    "frames": "--frames", "repeats": "--repeats", "questions": "--questions", "index": "--index",
+}
+
+
+def _as_options(message: str) -> str:
+    return re.sub(r"\b(" + "|".join(_OPTION_NAMES) + r")\b", lambda m: _OPTION_NAMES[m.group(1)], message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    command = args._command_parser
+    try:
+        return _run(args, command)
+    except MissingDependency as error:  # one line naming the extra, no traceback
+        print(f"{command.prog}: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as error:
+        command.error(_as_options(str(error)))  # the subcommand's usage, exit status 2
+    return 2
+
+
+def _run(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        overrides = _aim_overrides(args)
-        try:
-            return run_demo(
-                frames=args.frames,
-                repeats=args.repeats,
-                questions=args.questions,
-                attn_implementation=args.attn,
-                as_json=args.json,
-                **overrides,
-            )
-        except ValueError as error:
-            parser.error(str(error))
+        return run_demo(frames=args.frames, repeats=args.repeats, questions=args.questions,
+                        attn_implementation=args.attn, as_json=args.json, **_aim_overrides(args))
     if args.command == "visualize":
         from .visualize import visualize_study_clip
 
-        try:
-            out, answer = visualize_study_clip(args.out, args.index, args.kind, args.stages, **_aim_overrides(args))
-        except (ValueError, FileNotFoundError) as error:
-            parser.error(str(error))
+        if args.stages < 3:
+            command.error(f"--stages must be at least 3 (input, merged, one pruning layer), got {args.stages}")
+        require("matplotlib.pyplot", "this command")  # before the model runs
+        out, answer = visualize_study_clip(args.out, args.index, args.kind, args.stages, **_aim_overrides(args))
         print(f"{out}: {answer['question']} -> {answer['predicted']} (truth: {answer['answer']})")
         return 0
     if args.command == "flops":
         return run_flops(args)
-    parser.error(f"unknown command {args.command!r}")
+    command.error(f"unknown command {args.command!r}")
     return 2
 
 

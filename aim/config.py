@@ -183,6 +183,33 @@ class AIMConfig:
             all(k >= 1.0 for k in self.merge_schedule) and all(r >= 1.0 for r in self.keep_ratios(num_layers))
         )
 
+    def describe(self, num_layers: int) -> str:
+        """One readable sentence of what this config does to a model of `num_layers` layers."""
+        if not self.enabled:
+            return "off: the unchanged model"
+        merge_names = {"bipartite": "merging", "pool": "uniform pooling", "random": "random dropping"}
+        if self.merge_schedule and self.merge_schedule[-1] < 1.0:
+            steps = ", ".join(f"{k:.0%}" for k in self.merge_schedule)
+            merge = f"{merge_names[self.merge_method]} keeps {self.merge_schedule[-1]:.0%} of each frame's / crop's visual tokens"
+            if self.merge_method == "bipartite":
+                merge += f" (steps {steps})"
+        else:
+            merge = "no merging"
+        ratios = self.keep_ratios(num_layers)
+        pruned = [(layer, r) for layer, r in enumerate(ratios) if r < 1.0]
+        if not pruned:
+            return f"{merge}; no pruning"
+        ranking = {"pagerank": "PageRank", "last_token": "last-token attention", "random": "random ranks"}
+        shown = []
+        for layer, r in pruned:
+            if r == 0.0:
+                shown.append(f"none from layer {layer}")
+                break
+            shown.append(f"{r:.1%} at layer {layer}".replace(".0%", "%"))
+        mode = "" if self.prune_mode == "remove" else ", masked instead of removed"
+        return f"{merge}; pruning by {ranking[self.prune_method]}{mode} keeps " + ", ".join(shown) + \
+            f" of the visual tokens entering the {num_layers}-layer LLM"
+
     def check_depth(self, num_layers: int) -> None:
         """Raise a clear error if the schedule does not fit a model of `num_layers` layers."""
         self.keep_ratios(num_layers)

@@ -13,6 +13,7 @@ import os
 import torch
 
 from .merge import best_match_reference
+from .optional import require
 from .prune import pagerank_importance_reference
 
 BACKENDS = ("auto", "torch", "triton")
@@ -25,6 +26,8 @@ def backend_for(tensor: torch.Tensor) -> str:
         raise ValueError(f"AIM_BACKEND must be one of {BACKENDS}, got {choice!r}")
     if choice == "auto":
         return "triton" if tensor.is_cuda and _triton_available() else "torch"
+    if choice == "triton":
+        require("triton", "AIM_BACKEND=triton")
     return choice
 
 

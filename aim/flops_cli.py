@@ -16,6 +16,7 @@ import sys
 
 from . import flops as F
 from .config import AIMConfig
+from .optional import require
 
 MiB = 2**20
 
@@ -172,13 +173,7 @@ def format_sweep(points: list[F.SweepPoint], baseline: F.CostReport) -> str:
 
 def write_plot(comparison: F.Comparison, path: str, title: str = "") -> None:
     """Tokens per layer and cumulative prefill FLOPs, baseline vs AIM, as a PNG (matplotlib, Agg)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib") from error
+    plt = require("matplotlib.pyplot", "--plot")
     base, aim = comparison.baseline, comparison.aim
     layers = [layer.layer for layer in base.layers]
 
@@ -218,6 +213,9 @@ def run_flops(args) -> int:
     """Run ``aim flops`` from parsed arguments; returns the exit status (bad input: argparse error)."""
     try:
         return _run(args)
+    except MissingDependency as error:
+        print(f"aim flops: {error}", file=sys.stderr)
+        return 1
     except ValueError as error:
         parser = getattr(args, "_flops_parser", None)
         if parser is not None:

@@ -66,6 +66,14 @@ def flatten_item_groups(items, item_groups: list[list[torch.Tensor]]) -> list[to
     item_groups = item_groups * (len(items) // len(item_groups))
     groups, start = [], 0
     for item, relative in zip(items, item_groups):
+        if item.ndim != 2 or any(int(g.max()) >= item.shape[0] for g in relative if g.numel()):
+            # e.g. transformers < 5.21 returned LLaVA-NeXT-Video features per frame: merging would
+            # silently do nothing, so refuse instead
+            raise ValueError(
+                f"unexpected visual features of shape {tuple(item.shape)} for merge groups up to index "
+                f"{max((int(g.max()) for g in relative if g.numel()), default=-1)}: aim expects one "
+                "(tokens, dim) block per image / video; this transformers release may lay features out differently"
+            )
         groups.extend(g + start for g in relative)
         start += item.shape[0]
     return groups

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .optional import require
 from .stats import AIMStats
 
 
@@ -85,10 +86,7 @@ def render_kept_tokens(
         max_stages: draw at most this many stages (input and merging first, then pruning
             layers evenly spaced; the last one always drawn).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "drawing kept tokens (aim visualize)")
 
     if max_stages is not None and max_stages < 3:
         raise ValueError(f"max_stages must be at least 3 (input, merged, one pruning layer) or None, got {max_stages}")

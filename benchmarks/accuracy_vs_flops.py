@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aim import AIMConfig, apply_aim, last_stats, remove_aim  # noqa: E402
 from aim import flops as F  # noqa: E402
 from aim.config import default_prune_start_end  # noqa: E402
+from aim.optional import MissingDependency, require  # noqa: E402
 from aim.study import data  # noqa: E402
 from aim.study.evaluate import evaluate  # noqa: E402
 from aim.study.model import load_default_model, to_inputs  # noqa: E402
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
                         help="fractions of the unchanged model's prefill FLOPs (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--plot", default="accuracy_vs_flops.png", help="PNG of the curves (default %(default)s)")
+    parser.add_argument("--plot", default=None, help="also draw the curves into this PNG (needs matplotlib)")
     parser.add_argument("--json", default=None, help="also write every figure as JSON here")
     parser.add_argument("--quick", action="store_true", help="40 examples, budgets 1 and 0.25: a smoke run")
     args = parser.parse_args(argv)
@@ -192,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < b <= 1 for b in args.budgets):
         parser.error(f"budgets must be in (0, 1], got {args.budgets}")
     logging.basicConfig(level=logging.WARNING)
+    if args.plot:
+        try:  # before minutes of work, not after
+            require("matplotlib.pyplot", "--plot")
+        except MissingDependency as error:
+            parser.exit(2, f"error: {error}\n")
     started = time.perf_counter()
 
     model, processor = load_default_model(args.model)
@@ -235,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(dict(baseline=baseline, runs=runs, frames=frame_rows), indent=1))
     report(args, spec, examples, baseline, runs, frame_rows, chance, frames)
-    plot(args.plot, runs, baseline, chance)
-    print(f"\n(total {time.perf_counter() - started:.0f} s; plot: {args.plot})")
+    if args.plot:
+        plot(args.plot, runs, baseline, chance)
+    print(f"\n(total {time.perf_counter() - started:.0f} s{f'; plot: {args.plot}' if args.plot else ''})")
     return 0
 
 
@@ -302,10 +309,7 @@ def report(args, spec, examples, baseline, runs, frame_rows, chance, frames) -> 
 
 
 def plot(path: str, runs, baseline, chance) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "--plot")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in dict.fromkeys(r["method"] for r in runs):

@@ -21,6 +21,7 @@ where torchvision is installed) with numpy, fast enough to stream training batch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -119,6 +120,17 @@ def save_model(model: tf.PreTrainedModel, outdir: str | Path) -> Path:
     return outdir
 
 
+@contextlib.contextmanager
+def _no_progress_bar():
+    was_enabled = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            tf.utils.logging.enable_progress_bar()
+
+
 def load_default_model(path: str | Path | None = None, attn_implementation: str = "sdpa"):
     """Load the trained study model and its processor from ``path`` (default: the shipped
     :data:`DEFAULT_MODEL_DIR`); offline, in eval mode, on CPU.
@@ -131,9 +143,10 @@ def load_default_model(path: str | Path | None = None, attn_implementation: str 
     path = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"no trained study model in {path}; train one with `python -m aim.study.train`")
-    model = tf.LlavaOnevisionForConditionalGeneration.from_pretrained(
-        path, attn_implementation=attn_implementation, local_files_only=True,
-    )
+    with _no_progress_bar():  # a 5 MB model loads in milliseconds: a bar would only clutter reports
+        model = tf.LlavaOnevisionForConditionalGeneration.from_pretrained(
+            path, attn_implementation=attn_implementation, local_files_only=True,
+        )
     model.eval()
     try:
         processor = tf.AutoProcessor.from_pretrained(path, local_files_only=True)
