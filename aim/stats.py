@@ -46,15 +46,32 @@ class AIMStats:
         """Plain-dict form (JSON-ready)."""
         return asdict(self)
 
+    def kv_cache_entries_of(self, sample: int) -> list[int] | None:
+        """``[layer]`` KV-cache entries prompt ``sample`` added in this prefill, padding excluded
+        (None without a cache). Removal caches exactly the tokens each layer processed; masking
+        removes nothing, so it caches every prompt token, merged-away ones too."""
+        if self.kv_cache_entries_per_layer is None:
+            return None
+        if self.mode == "mask":
+            return [self.input_tokens[sample]] * len(self.tokens_per_layer)
+        return self.tokens_per_layer_of(sample)
+
     def summary(self) -> str:
-        """A few readable lines for logs and the demo."""
-        lines = [
-            f"mode={self.mode} input tokens={self.input_tokens}",
-            f"visual tokens: {self.visual_tokens_before_merge} -> {self.visual_tokens_after_merge} entering the LLM",
-            "tokens per layer (sample 0): " + " ".join(str(t[0]) for t in self.tokens_per_layer),
-        ]
-        if self.kv_cache_entries_per_layer is not None:
+        """A few readable lines for logs: per prompt of the batch, the figures of what ran."""
+        batch = len(self.input_tokens)
+        lines = [f"AIM prefill ({self.mode}), {batch} prompt{'s' if batch > 1 else ''}:"]
+        for sample in range(batch):
             lines.append(
-                "KV-cache entries per layer: " + " ".join(str(k) for k in self.kv_cache_entries_per_layer)
+                f"  prompt {sample}: {self.input_tokens[sample]} tokens in, visual tokens "
+                f"{self.visual_tokens_before_merge[sample]} -> {self.visual_tokens_after_merge[sample]} entering the LLM; "
+                "tokens per layer " + " ".join(map(str, self.tokens_per_layer_of(sample)))
+            )
+            entries = self.kv_cache_entries_of(sample)
+            if entries is not None:
+                lines.append(f"    KV-cache entries per layer {' '.join(map(str, entries))} (sum {sum(entries)})")
+        if self.kv_cache_entries_per_layer is not None and batch > 1:
+            lines.append(
+                "  the batch's KV-cache tensors, padded to the longest prompt, hold per layer "
+                + " ".join(map(str, self.kv_cache_entries_per_layer)) + " positions per prompt"
             )
         return "\n".join(lines)

@@ -309,3 +309,24 @@ def test_text_chunk_after_a_cache_filled_before_aim(attn):
         apply_aim(model, **PRUNING)
         chunk = model(input_ids=ids[:, 7:], **{cache_argument(model.forward): cache}).logits
     torch.testing.assert_close(chunk, full[:, 7:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["remove", "mask"])
+@pytest.mark.parametrize("family, kind", [("llava_onevision", "video"), ("qwen2_vl", "image")])
+def test_per_prompt_kv_cache_entries_of_a_padded_batch_equal_each_prompt_alone(family, kind, mode):
+    """The per-prompt KV figures of a padded batch are those of the prompt run alone (whose cache has
+    no padding), and the summary reports them, not the padded tensor's length."""
+    model = tiny(family)
+    apply_aim(model, prune_mode=mode, **PRUNING)
+    batch = make_inputs(model, kind=kind, batch_size=2, text_lengths=(3, 11), seed=7)
+    with torch.no_grad():
+        model(**batch, use_cache=True)
+    stats = last_stats(model)
+    for i, length in enumerate((3, 11)):
+        alone = make_inputs(model, kind=kind, batch_size=1, text_lengths=(length,), seed=7, first_sample=i)
+        with torch.no_grad():
+            cache = output_cache(model(**alone, use_cache=True))
+        entries = [layer.keys.shape[-2] for layer in cache.layers]
+        assert stats.kv_cache_entries_of(i) == entries
+        assert f"KV-cache entries per layer {' '.join(map(str, entries))}" in stats.summary()
+    assert stats.kv_cache_entries_of(0) != stats.kv_cache_entries_per_layer  # the padded tensor differs

@@ -67,6 +67,11 @@ def flops_counter(hf_model: Any) -> tuple[Callable[[Sequence[int]], int] | None,
 
 
 @dataclass
+# below this many prompt tokens the per-call overheads (Python, kernel launches, the vision tower)
+# outweigh what removing tokens saves in wall time (benchmarks/prefill.py: gains show at ~4k tokens)
+SMALL_PROMPT_TOKENS = 1000
+
+
 class CostTracker:
     """Collects `SampleCost` records and summarises them."""
 
@@ -177,6 +182,11 @@ class CostTracker:
             )
         if s["failed_generations"]:
             text += f", {s['failed_generations']} FAILED generations: {s['failures'][0]}"
+        if s["mean_input_tokens"] < SMALL_PROMPT_TOKENS:
+            text += (
+                f". Note: at {s['mean_input_tokens']:.0f} tokens per prompt fixed per-call overheads dominate wall time, "
+                "so lmms-eval's timings can show AIM slower; compare the tokens and FLOPs above"
+            )
         return text
 
     def write(self, path: str | os.PathLike, samples_path: str | os.PathLike | None = None) -> Path:
@@ -191,7 +201,7 @@ class CostTracker:
                     f.write(json.dumps(asdict(s)) + "\n")
             summary["samples_file"] = str(samples_path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         if str(path) not in self.written_to:
             self.written_to.append(str(path))
