@@ -18,6 +18,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["aim", "aim.*", "kernels", "kernels.*"]),
+    # an explicit root makes `pip install -e .` put the repo root on sys.path (a static .pth)
+    # instead of an import hook: then a clone in a folder named `aim` cannot shadow the package
+    # when commands run from the folder above it (a namespace package would win over the hook)
+    package_dir={"": "."},
     install_requires=[
         "torch>=2.4",
         # the lowest release the whole suite ran on (.ci/run tests it and the newest); see aim/compat.py

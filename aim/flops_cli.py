@@ -16,7 +16,7 @@ import sys
 
 from . import flops as F
 from .config import AIMConfig
-from .optional import require
+from .optional import MissingDependency, require
 
 MiB = 2**20
 

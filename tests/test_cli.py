@@ -53,11 +53,26 @@ def test_demo_options_take_effect(options, config, capsys, default_config):
     assert base["tokens_per_layer"] == [base["tokens_entering_llm"]] * len(expected)
 
 
-def test_demo_table(capsys):
+def test_demo_reads_as_a_report(capsys):
+    """What model, what input, what setting, the table, one sentence; no loading bar, no raw repr."""
     assert main(["demo", "--repeats", "1", "--questions", "5", "--merge-keep", "0.5"]) == 0
-    out = capsys.readouterr().out
-    for label in ("tokens entering LLM", "KV-cache KiB", "prefill ms", "accuracy", "truth"):
+    captured = capsys.readouterr()
+    out = captured.out
+    heads = [line.split()[0] for line in out.splitlines()[2:6]]
+    assert heads == ["Model", "Input", "Setting", "Machine"]
+    assert "merging keeps 50% of each frame's" in out  # the setting the user asked for, in words
+    for label in ("tokens entering the LLM", "KV-cache size (KiB)", "prefill time (ms)", "accuracy", "truth"):
         assert label in out
+    assert out.rstrip().splitlines()[-1].startswith("In short: AIM ran the LLM layers on")
+    assert "AIMConfig(" not in out and "Loading weights" not in captured.out + captured.err
+
+
+def test_subcommand_errors_show_the_subcommand_usage_and_option_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--prune-start", "40"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: aim demo") and "--prune-start=40 is past the model's last layer" in err
+    assert "prune_start" not in err
 
 
 def test_visualize_writes_a_png(tmp_path, capsys):

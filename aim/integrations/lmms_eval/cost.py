@@ -66,12 +66,12 @@ def flops_counter(hf_model: Any) -> tuple[Callable[[Sequence[int]], int] | None,
     return count, None
 
 
-@dataclass
 # below this many prompt tokens the per-call overheads (Python, kernel launches, the vision tower)
 # outweigh what removing tokens saves in wall time (benchmarks/prefill.py: gains show at ~4k tokens)
 SMALL_PROMPT_TOKENS = 1000
 
 
+@dataclass
 class CostTracker:
     """Collects `SampleCost` records and summarises them."""
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...optional import MissingDependency, install_hint
+
 TASKS_DIR = Path(__file__).with_name("tasks")
 TASK_FILES = ("aim_synth_video.yaml", "aim_synth_image.yaml", "aim_synth.yaml")
 LETTERS = "ABCD"
@@ -141,8 +143,8 @@ def write_mp4(path: Path, clip: np.ndarray, fps: int = 4) -> None:
         return
     try:
         import cv2
-    except ImportError as error:  # pragma: no cover - lmms-eval installs both
-        raise ImportError("writing videos needs PyAV (`pip install av`) or OpenCV (`pip install opencv-python-headless`)") from error
+    except ImportError:
+        raise MissingDependency(f"writing the videos needs PyAV or OpenCV, which lmms-eval installs: {install_hint('eval')}") from None
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (clip.shape[2], clip.shape[1]))
     for frame in clip:
         writer.write(frame[:, :, ::-1].copy())
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"e.g. ./synth_eval: lmms-eval would mistake {args.outdir!r} for the task")
     try:
         files = generate(args.outdir, args.videos, args.images, args.frames, args.size, args.seed)
+    except MissingDependency as error:
+        parser.exit(1, f"{parser.prog}: {error}\n")
     except ValueError as error:
         parser.error(str(error))
     print(f"wrote {files['video']} and {files['image']}; task files in {Path(args.outdir).resolve()}")
