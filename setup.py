@@ -26,6 +26,7 @@ setup(
         "torch>=2.4",
         # the lowest release the whole suite ran on (.ci/run tests it and the newest); see aim/compat.py
         "transformers>=5.21,<6",
+        "einops",  # names the axes where tensors change shape (heads, GQA groups, frame grids)
         "numpy",
         "tqdm",
     ],

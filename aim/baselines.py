@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .config import visual_tokens_kept
 from .merge import MergedTokens, merge_tokens, merged_token_count
@@ -81,8 +82,8 @@ def _pool(features: torch.Tensor, shape: tuple[int, int]) -> MergedTokens:
     groups, n, dim = features.shape
     side = grid_side(n)
     rows, cols = shape
-    grid = features.float().view(groups, side, side, dim).permute(0, 3, 1, 2)
-    pooled = F.adaptive_avg_pool2d(grid, shape).permute(0, 2, 3, 1).reshape(groups, rows * cols, dim)
+    grid = rearrange(features.float(), "g (row col) d -> g d row col", row=side)
+    pooled = rearrange(F.adaptive_avg_pool2d(grid, shape), "g d row col -> g (row col) d")
     row_spans, col_spans = _regions(side, rows), _regions(side, cols)
     first = torch.tensor([r0 * side + c0 for r0, _ in row_spans for c0, _ in col_spans], device=features.device)
     sizes = torch.tensor(
@@ -104,7 +105,7 @@ def last_token_importance(query: torch.Tensor, key: torch.Tensor, valid: torch.T
     """
     batch, heads, n, head_dim = query.shape
     kv_heads = key.shape[1]
-    last = query[:, :, -1:].float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    last = rearrange(query[:, :, -1].float(), "b (kv g) d -> b kv g d", kv=kv_heads)
     logits = (last @ key.float().transpose(-1, -2)) * head_dim**-0.5  # (batch, kv, group, N)
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1).reshape(batch, heads, n).mean(dim=1)
+    return rearrange(torch.softmax(logits, dim=-1), "b kv g n -> b (kv g) n").mean(dim=1)

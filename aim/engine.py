@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import torch
+from einops import rearrange
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -58,8 +59,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _heads_with_rope(states: torch.Tensor, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    batch, width, _ = states.shape
-    x = states.view(batch, width, -1, head_dim).transpose(1, 2)
+    x = rearrange(states, "batch seq (heads dim) -> batch heads seq dim", dim=head_dim)
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 

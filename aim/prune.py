@@ -9,6 +9,7 @@ keys and start with zero mass, so a padded batch scores each prompt as if alone.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 
 def pagerank_importance_reference(
@@ -35,9 +36,9 @@ def pagerank_importance_reference(
         raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
     # GQA without repeating the keys: the query heads of kv head i (i*g .. i*g+g-1, as
     # repeat_interleave orders them) are stacked into one (g*N, d) block against its keys
-    group = heads // kv_heads
-    scaled = (query.float() * (head_dim**-0.5 / tau)).reshape(batch, kv_heads, group * n, head_dim)
-    logits = (scaled @ key.float().transpose(-1, -2)).view(batch, heads, n, n)
+    scaled = query.float() * (head_dim**-0.5 / tau)
+    scaled = rearrange(scaled, "b (kv g) n d -> b kv (g n) d", kv=kv_heads)
+    logits = rearrange(scaled @ key.float().transpose(-1, -2), "b kv (g n) m -> b (kv g) n m", n=n)
     allowed = torch.ones(n, n, dtype=torch.bool, device=query.device).tril() & valid[:, None, None, :]
     # a finite fill keeps rows without any allowed key (padding queries) finite; those rows carry
     # no mass (s is 0 there), so they change nothing and need no NaN clean-up
