@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         # lmms-eval takes a task name that is also a folder in the working directory for that
         # folder, and then builds plain-prompt requests that its chat model classes cannot read
         parser.error(f"name the folder something other than a task name ({', '.join(TASK_NAMES)}), "
-                     f"e.g. ./synth_eval: lmms-eval would mistake {args.outdir!r} for the task")
+                     f"e.g. out/synth_eval: lmms-eval would mistake {args.outdir!r} for the task")
     try:
         files = generate(args.outdir, args.videos, args.images, args.frames, args.size, args.seed)
     except MissingDependency as error:
