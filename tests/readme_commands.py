@@ -46,6 +46,7 @@ CHECKS = [
     Check("pip install -e . && aim demo", skip="the first Quickstart command: .ci/run runs it verbatim"),
     Check('pip install -e ".[test]" && python -m pytest -q', skip="the second Quickstart command: .ci/run runs it verbatim"),
     Check('pip install -e ".[eval]"', skip="an install: .ci/run installs the extras with the second Quickstart command"),
+    Check("python tests/readme_commands.py", "python tests/readme_commands.py --list"),  # this script: no recursion
     Check("aim demo", "aim demo --questions 8 --repeats 1"),
     Check("aim demo --no-prune", "aim demo --no-prune --questions 8 --repeats 1"),
     Check("aim flops"),

@@ -77,3 +77,15 @@ def test_missing_video_writer_for_the_lmms_eval_data_names_the_extra(monkeypatch
 def test_the_checker_knows_which_extras_are_installed():
     assert rc.installed(None)
     assert rc.installed("test") == (importlib.util.find_spec("pytest") is not None)
+
+
+def test_a_folder_named_aim_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    """A clone in a folder named `aim`, with commands run from the folder above it: `import aim`
+    must still find the package, not an empty namespace package made of the clone's root."""
+    import subprocess
+
+    (tmp_path / "aim" / "docs").mkdir(parents=True)  # like a clone's root: no __init__.py
+    done = subprocess.run([sys.executable, "-c", "import aim; print(aim.__file__); aim.apply_aim"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(str(Path("aim", "__init__.py")))
