@@ -17,7 +17,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["aim", "aim.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["aim", "aim.*"]),
     # an explicit root makes `pip install -e .` put the repo root on sys.path (a static .pth)
     # instead of an import hook: then a clone in a folder named `aim` cannot shadow the package
     # when commands run from the folder above it (a namespace package would win over the hook)

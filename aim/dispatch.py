@@ -38,7 +38,7 @@ def _triton_available() -> bool:
 def best_match(set_a: torch.Tensor, set_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Best cosine match in `set_b` for each token of `set_a` (see `best_match_reference`)."""
     if backend_for(set_a) == "triton":
-        from kernels.matching import best_match_triton
+        from .kernels.matching import best_match_triton
 
         return best_match_triton(set_a, set_b)
     return best_match_reference(set_a, set_b)
@@ -49,7 +49,7 @@ def pagerank_importance(
 ) -> torch.Tensor:
     """PageRank importance (see `pagerank_importance_reference`)."""
     if backend_for(query) == "triton":
-        from kernels.importance import pagerank_importance_triton
+        from .kernels.importance import pagerank_importance_triton
 
         return pagerank_importance_triton(query, key, valid, tau=tau, iterations=iterations)
     return pagerank_importance_reference(query, key, valid, tau=tau, iterations=iterations)

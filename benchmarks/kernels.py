@@ -197,7 +197,7 @@ def run_case(case: Case, args, device: str, tracker: dict, bar) -> None:
     res = case.results
     inputs = None
     if device == "cuda" or args.interpret:
-        from kernels import best_match_triton, pagerank_importance_triton
+        from aim.kernels import best_match_triton, pagerank_importance_triton
 
         kernel_fn = best_match_triton if case.kernel == "matching" else pagerank_importance_triton
         inputs, _ = make_inputs(case, DTYPES[args.dtype], device)

@@ -30,7 +30,7 @@ triton = pytest.importorskip("triton")
 from aim import dispatch  # noqa: E402
 from aim.merge import best_match_reference, merge_tokens  # noqa: E402
 from aim.prune import pagerank_importance_reference  # noqa: E402
-from kernels import importance, matching  # noqa: E402
+from aim.kernels import importance, matching  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if GPU else "cpu"
@@ -241,25 +241,32 @@ def test_dispatch_triton_backend_routes_to_kernels(monkeypatch):
 
 
 def test_imports_stay_lazy():
-    # ``import aim`` must not import the kernels; ``import kernels`` must not import triton
-    # (transformers' package probe may import a top-level ``kernels``: see kernels/__init__.py)
+    # ``import aim`` must not import the kernels; ``import aim.kernels`` must not import triton
     code = (
-        "import sys, aim; assert not [m for m in sys.modules if m.startswith('kernels')]; "
-        "import kernels; assert 'triton' not in sys.modules and 'kernels.matching' not in sys.modules; "
-        "assert callable(kernels.best_match_triton) and 'kernels.matching' in sys.modules"
+        "import sys, aim; assert not [m for m in sys.modules if m.startswith('aim.kernels')]; "
+        "import aim.kernels as k; assert 'triton' not in sys.modules and 'aim.kernels.matching' not in sys.modules; "
+        "assert callable(k.best_match_triton) and 'aim.kernels.matching' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_hub_kernels_package_not_detected():
-    # our top-level ``kernels`` package must not pass for the hub ``kernels`` package (DESIGN.md 5)
+def test_another_top_level_kernels_package_changes_nothing(tmp_path):
+    # sparsevlm and the hub ship a top-level ``kernels``: installed beside aim, it is theirs, and
+    # aim's kernels (inside the aim package) are still found; aim installs no top-level ``kernels``
     from transformers.utils.import_utils import is_kernels_available
 
-    import kernels
-
-    assert callable(kernels.pagerank_importance_triton)
-    assert not hasattr(kernels, "__version__")
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("OWNER = 'someone else'\n")
+    code = (
+        "import kernels; assert kernels.OWNER == 'someone else'; "
+        "from aim.kernels import pagerank_importance_triton, best_match_triton; "
+        "assert callable(pagerank_importance_triton) and callable(best_match_triton)"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    assert not (ROOT / "kernels").exists()
     assert not is_kernels_available()
 
 
-_NO_KERNEL = {test_imports_stay_lazy.__name__, test_hub_kernels_package_not_detected.__name__}
+_NO_KERNEL = {test_imports_stay_lazy.__name__, test_another_top_level_kernels_package_changes_nothing.__name__}

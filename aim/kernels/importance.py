@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .matching import check_launchable, dot_precision, upcast_dot
+from .common import check_launchable, dot_precision, upcast_dot
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _row_lse_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    if UPCAST_DOT:  # interpreter only, see kernels.matching.upcast_dot
+    if UPCAST_DOT:  # interpreter only, see aim.kernels.common.upcast_dot
         q = q.to(tl.float32)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
 
@@ -155,7 +155,7 @@ def _power_step_kernel(
         mask=d_ok[:, None] & col_ok[None, :],
         other=0.0,
     )
-    if UPCAST_DOT:  # interpreter only, see kernels.matching.upcast_dot
+    if UPCAST_DOT:  # interpreter only, see aim.kernels.common.upcast_dot
         kt = kt.to(tl.float32)
     q_base = q_ptr + b * stride_qb + h * stride_qh
 

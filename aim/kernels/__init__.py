@@ -4,11 +4,11 @@
 - ``pagerank_importance_triton``: O(N)-memory PageRank importance (``aim.prune.pagerank_importance_reference``).
 
 ``aim`` imports the submodules lazily (``aim.dispatch``), and this package itself imports
-nothing until one of the two names is asked for: transformers' package probe
-(``is_kernels_available``) may import a top-level ``kernels`` package, and that must not pull
-in triton or define the kernels (the Triton interpreter, ``TRITON_INTERPRET=1``, only takes
-effect when it is set before triton is imported). Deliberately no ``__version__``: this is
-not the hub ``kernels`` package and must not pass for it.
+nothing until one of the two names is asked for: importing it must not pull in triton or define
+the kernels (the Triton interpreter, ``TRITON_INTERPRET=1``, only takes effect when it is set
+before triton is imported). The kernels live inside ``aim``: a top-level ``kernels`` package is
+claimed by other distributions too (the hub's ``kernels``, ``sparsevlm``). ``common`` holds what
+every kernel checks before it launches.
 """
 
 from __future__ import annotations
