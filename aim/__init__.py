@@ -6,8 +6,8 @@
 """
 
 from .config import AIMConfig
-from .patch import SUPPORTED_MODELS, apply_aim, is_applied, last_stats, remove_aim
+from .patch import SUPPORTED_MODELS, apply_aim, is_applied, last_stats, remove_aim, settings
 from .stats import AIMStats
 
-__all__ = ["AIMConfig", "AIMStats", "SUPPORTED_MODELS", "apply_aim", "remove_aim", "is_applied", "last_stats"]
+__all__ = ["AIMConfig", "AIMStats", "SUPPORTED_MODELS", "apply_aim", "remove_aim", "is_applied", "last_stats", "settings"]
 __version__ = "0.1.0"

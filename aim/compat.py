@@ -50,9 +50,13 @@ def is_tested(version: str) -> bool:
     return low <= release and release[:2] <= high[:2]
 
 
+def installed_version() -> str:
+    return transformers.__version__
+
+
 def warn_if_untested(version: str | None = None) -> bool:
     """Log one warning per process when transformers is outside the tested range; True if it is."""
-    version = version or transformers.__version__
+    version = version or installed_version()
     if is_tested(version):
         return False
     if version not in _warned:

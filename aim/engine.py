@@ -30,27 +30,13 @@ from .dispatch import pagerank_importance
 from .layout import VisualLayout
 from .prune import select_tokens
 from .stats import AIMStats
-from .tokens import CacheState, TokenSet, attention_mask_4d, track_cache
+from .context import capture_request, current_call
+from .tokens import CacheState, TokenSet, aim_state_of, as_aim_cache, attention_mask_4d
 
 logger = logging.getLogger(__name__)
 
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
 _DROPPED_KWARGS = ("return_dict", "output_attentions", "output_hidden_states", "cache_position")
-
-
-@contextlib.contextmanager
-def capture_query_key(layer: torch.nn.Module, store: dict):
-    """Record a decoder layer's query and key projections (pre-RoPE) during its forward."""
-    attn = layer.self_attn
-    handles = [
-        attn.q_proj.register_forward_hook(lambda m, i, o: store.__setitem__("q", o)),
-        attn.k_proj.register_forward_hook(lambda m, i, o: store.__setitem__("k", o)),
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,11 +71,12 @@ class AIMTextForward:
         # the cache arrives as `cache` (transformers >= 5.24) or `past_key_values` (before)
         cache = compat.given_cache(kwargs)
         controller = self.controller
-        layout: VisualLayout | None = controller.take_layout()
-        config: AIMConfig = controller.config
+        call = current_call(controller)  # None when the text decoder is called on its own
+        layout: VisualLayout | None = controller.take_layout(call)
+        config: AIMConfig = call.config if call is not None else controller.config
         model = self.text_model
         num_layers = len(model.layers)
-        if config.is_identity(num_layers) and not _has_aim_state(cache):
+        if config.is_identity(num_layers) and aim_state_of(cache) is None:
             output = controller.original_text_forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -100,7 +87,7 @@ class AIMTextForward:
                 **kwargs,
             )
             if layout is not None:
-                controller.last_stats = _unchanged_stats(layout, attention_mask, output, num_layers)
+                _publish(controller, call, _unchanged_stats(layout, attention_mask, output, num_layers))
             return output
         for flag in _OUTPUT_FLAGS:
             if kwargs.get(flag):
@@ -125,7 +112,7 @@ class AIMTextForward:
             )
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
-        state: CacheState | None = getattr(cache, "_aim_state", None)
+        state: CacheState | None = aim_state_of(cache)
         past_len = state.seen_tokens if state else (cache.get_seq_length() if cache else 0)
 
         chunk_valid, past_valid = _split_padding_mask(attention_mask, batch, length, past_len, device)
@@ -142,7 +129,8 @@ class AIMTextForward:
         if layout is not None and config.enabled and config.merge_schedule:
             tokens.hidden = tokens.hidden.clone()
             tokens.keep(_merge_groups(tokens.hidden, layout.groups, config, chunk_valid, generator))
-        kept_positions = [("merge", _visual_origins(tokens))] if controller.record_positions else None
+        recording = call is not None and call.record_positions
+        kept_positions = [("merge", _visual_origins(tokens))] if recording else None
         # random ranking: one fixed random priority per prompt position, so removing and masking
         # choose alike and each layer keeps a subset of the previous one
         random_priority = (
@@ -151,7 +139,7 @@ class AIMTextForward:
         # counts live on the host: one device sync here, none per layer (decoding has no visual tokens)
         visual_counts = (tokens.valid & tokens.visual).sum(dim=1).tolist()
         text_counts = (tokens.valid & ~tokens.visual).sum(dim=1).tolist()
-        ratios = controller.keep_ratios if config.enabled else (1.0,) * num_layers
+        ratios = config.keep_ratios(num_layers) if config.enabled else (1.0,) * num_layers
         targets = [[visual_tokens_kept(n, ratio) for n in visual_counts] for ratio in ratios]
 
         def fewer(layer_idx: int, counts: list[int]) -> bool:
@@ -162,11 +150,12 @@ class AIMTextForward:
         masks: dict = {}  # (layout version, cached part) -> (key validity, 4-D mask), shared by layers
         sdpa = getattr(model.config, "_attn_implementation", "eager") == "sdpa"
         captured: dict = {}
+        head_dim = 0
         current = visual_counts
         for idx, layer in enumerate(model.layers):
             if idx > 0 and fewer(idx, current):
                 if captured:
-                    importance = _importance(config, captured, tokens)
+                    importance = _importance(config, captured, head_dim, tokens)
                 elif random_priority is not None:
                     importance = random_priority.gather(1, tokens.origin)
                 else:  # every visual token goes: no ranking needed
@@ -176,7 +165,6 @@ class AIMTextForward:
                 current = targets[idx]
                 if kept_positions is not None:
                     kept_positions.append((idx, _visual_origins(tokens)))
-            captured = {}
             wants_ranking = (
                 config.prune_method != "random" and idx + 1 < num_layers and fewer(idx + 1, current) and any(targets[idx + 1])
             )
@@ -188,9 +176,9 @@ class AIMTextForward:
                 masks[mask_key] = (key_valid, _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, sdpa and layer_past is None))
             key_valid, mask = masks[mask_key]
             if wants_ranking:
-                captured["head_dim"] = layer.self_attn.head_dim
-            recorder = capture_query_key(layer, captured) if wants_ranking else contextlib.nullcontext()
-            with recorder:
+                head_dim = layer.self_attn.head_dim
+            recorder = capture_request(layer.self_attn) if wants_ranking else contextlib.nullcontext({})
+            with recorder as captured:
                 out = layer(
                     tokens.hidden,
                     attention_mask=mask,
@@ -205,9 +193,11 @@ class AIMTextForward:
 
         hidden = model.norm(tokens.outputs())
         if use_cache:
-            track_cache(cache, CacheState(seen_tokens=past_len + length, layer_valid=new_layer_valid))
+            cache = as_aim_cache(
+                cache, CacheState(past_len + length, new_layer_valid, owner_active=lambda: controller.active)
+            )
         if layout is not None or state is None:
-            controller.last_stats = AIMStats(
+            _publish(controller, call, AIMStats(
                 input_tokens=chunk_valid.sum(1).tolist(),
                 visual_tokens_before_merge=visual_before.tolist(),
                 visual_tokens_after_merge=visual_counts,
@@ -218,12 +208,17 @@ class AIMTextForward:
                 mode=config.prune_mode,
                 kept_visual_positions=kept_positions,
                 visual_groups=_group_positions(layout) if kept_positions is not None else None,
-            )
+            ))
         return compat.model_output(hidden, cache if use_cache else None)
 
 
-def _has_aim_state(cache) -> bool:
-    return cache is not None and getattr(cache, "_aim_state", None) is not None
+def _publish(controller, call, stats: AIMStats) -> None:
+    """Hand a prefill's stats to its call (the patched forward passes them on), or, when the text
+    decoder was called on its own, straight to the model's per-thread last stats."""
+    if call is not None:
+        call.stats = stats
+    else:
+        controller.remember(stats)
 
 
 def _layer_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype, implicit_ok: bool) -> torch.Tensor | None:
@@ -262,10 +257,10 @@ def _split_padding_mask(attention_mask, batch, length, past_len, device):
     return mask[:, mask.shape[1] - length :], past
 
 
-def _importance(config: AIMConfig, captured: dict, tokens: TokenSet) -> torch.Tensor:
+def _importance(config: AIMConfig, captured: dict, head_dim: int, tokens: TokenSet) -> torch.Tensor:
     """Rank the current tokens from the previous layer's query / key states."""
-    query = _heads_with_rope(captured["q"], captured["head_dim"], tokens.cos, tokens.sin)
-    key = _heads_with_rope(captured["k"], captured["head_dim"], tokens.cos, tokens.sin)
+    query = _heads_with_rope(captured["q"], head_dim, tokens.cos, tokens.sin)
+    key = _heads_with_rope(captured["k"], head_dim, tokens.cos, tokens.sin)
     if config.prune_method == "last_token":
         return last_token_importance(query, key, tokens.valid)
     return pagerank_importance(query, key, tokens.valid, tau=config.tau, iterations=config.pagerank_iterations)

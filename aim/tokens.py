@@ -10,6 +10,7 @@ attend to exactly what each layer kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -18,10 +19,15 @@ from transformers.cache_utils import DynamicCache
 @dataclass
 class CacheState:
     """What a KV cache filled by AIM must remember: tokens seen in original positions and,
-    per layer, which of its cached slots are valid keys (``(batch, entries)`` bool)."""
+    per layer, which of its cached slots are valid keys (``(batch, entries)`` bool).
+
+    `owner_active` tells whether the model that filled the cache still runs AIM: after
+    `remove_aim` the unpatched model cannot continue such a cache (its layers hold different
+    numbers of entries), and `AIMCache` says so instead of failing on a size mismatch."""
 
     seen_tokens: int
     layer_valid: list[torch.Tensor]
+    owner_active: Callable[[], bool] = lambda: True
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.layer_valid = [v.index_select(0, index.to(v.device)) for v in self.layer_valid]
@@ -36,30 +42,63 @@ class CacheState:
             self.seen_tokens += tokens_to_remove
 
 
-def track_cache(cache: DynamicCache, state: CacheState) -> None:
-    """Attach `state` to `cache` and keep it in step with the cache's own batch edits
-    (beam reordering, batch expansion, cropping). Its length is reported in original positions:
-    generate() and Qwen2-VL's rope deltas read it as a position, not as an entry count."""
-    first_time = "_aim_state" not in cache.__dict__
-    cache._aim_state = state
-    if not first_time:
-        return
-    for name, adjust in (
-        ("reorder_cache", CacheState.select_rows),
-        ("batch_select_indices", CacheState.select_rows),
-        ("batch_repeat_interleave", CacheState.repeat_rows),
-        ("crop", CacheState.crop),
-    ):
-        cache.__dict__[name] = _follow(getattr(cache, name), adjust, cache)
-    cache.get_seq_length = lambda layer_idx=0: cache._aim_state.seen_tokens
+class AIMCache(DynamicCache):
+    """A `DynamicCache` whose layers hold different numbers of entries (what each layer kept).
+
+    Written for transformers 5.21-5.24 caches. Its length is reported in original positions:
+    generate() and Qwen2-VL's rope deltas read ``get_seq_length()`` as a position, not as an entry
+    count. Batch edits (beam reordering, batch expansion, cropping) keep the per-layer validity
+    masks in step. The engine turns the `DynamicCache` a call brings into one of these in place
+    (`as_aim_cache`), so every holder of that object (generate, the caller) sees the same cache.
+    """
+
+    aim_state: CacheState
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.aim_state.seen_tokens
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.aim_state.owner_active():
+            raise RuntimeError(
+                "this KV cache was filled while AIM was applied (each layer holds the tokens it kept) and "
+                "cannot be continued by the model after remove_aim(); start from a new cache (a new "
+                "conversation), or apply_aim(model) again to continue this one"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.aim_state.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.aim_state.select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.aim_state.repeat_rows(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.aim_state.crop(tokens_to_remove)
 
 
-def _follow(method, adjust, cache):
-    def edit(*args, **kwargs):
-        method(*args, **kwargs)
-        adjust(cache._aim_state, *args, **kwargs)
+def aim_state_of(cache) -> CacheState | None:
+    """The AIM state of a cache AIM filled (None for any other cache)."""
+    return cache.aim_state if isinstance(cache, AIMCache) else None
 
-    return edit
+
+def as_aim_cache(cache: DynamicCache, state: CacheState) -> AIMCache:
+    """Give `cache` (a plain `DynamicCache` or an `AIMCache`) the state `state`, as an `AIMCache`:
+    the same object, so generate() and the caller keep using it."""
+    if type(cache) is DynamicCache:
+        cache.__class__ = AIMCache  # adds behaviour only: AIMCache has no fields of its own but aim_state
+    elif not isinstance(cache, AIMCache):
+        raise NotImplementedError(
+            f"AIM keeps a different number of tokens per layer and needs a DynamicCache; got {type(cache).__name__}"
+        )
+    cache.aim_state = state
+    return cache
 
 
 class TokenSet:

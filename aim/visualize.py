@@ -29,14 +29,10 @@ from .stats import AIMStats
 @contextlib.contextmanager
 def record_kept_tokens(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, prefills record which visual tokens each stage kept (see module doc)."""
-    from .patch import _controller_of
+    from .patch import recording_positions
 
-    controller = _controller_of(model)
-    controller.record_positions = True
-    try:
+    with recording_positions(model):
         yield
-    finally:
-        controller.record_positions = False
 
 
 def kept_grids(stats: AIMStats, sample: int = 0) -> tuple[list[str], np.ndarray]:

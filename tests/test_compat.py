@@ -41,17 +41,30 @@ def test_untested_release_warns_once_naming_the_range(caplog, monkeypatch):
     assert "5.99.0" in warnings[0].getMessage()
 
 
-def test_apply_aim_warns_on_an_untested_release(caplog, monkeypatch):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_apply_aim_warns_on_an_untested_release(monkeypatch):
     from aim import apply_aim, remove_aim
     from aim.tiny import build_tiny_model
 
     monkeypatch.setattr(compat, "_warned", set())
-    monkeypatch.setattr(transformers, "__version__", "6.0.0")
+    monkeypatch.setattr(compat, "installed_version", lambda: "6.0.0")
     model = build_tiny_model("llava", num_layers=2, seed=0)
-    with caplog.at_level(logging.WARNING, logger="aim.compat"):
+    records = _Records()
+    compat.logger.addHandler(records)  # the logger's own handler: whatever the global logging setup
+    try:
         apply_aim(model)
-    remove_aim(model)
-    assert "this is transformers 6.0.0" in caplog.text
+        remove_aim(model)
+    finally:
+        compat.logger.removeHandler(records)
+    assert len(records.messages) == 1 and "this is transformers 6.0.0" in records.messages[0]
 
 
 def test_cache_argument_names():

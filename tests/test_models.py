@@ -278,7 +278,7 @@ def test_cache_edits_keep_the_per_layer_masks_in_step():
     inputs = make_inputs(model, kind="video", batch_size=2, text_lengths=(3, 8))
     with torch.no_grad():
         cache = output_cache(model(**inputs, use_cache=True))
-    state = cache._aim_state
+    state = cache.aim_state
     prompt = inputs["input_ids"].shape[1]
     assert cache.get_seq_length() == prompt  # original positions, not layer 0's entry count
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator, Mapping
 
 import torch
 
 from .. import compat
 from ..config import AIMConfig
 from ..stats import AIMStats
-from .base import Controller, Family
+from ..context import call_options
+from .base import Controller, Family, as_config, multimodal_of
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .llava_next_video import LlavaNextVideoFamily
@@ -39,54 +42,94 @@ def family_for(model: torch.nn.Module) -> Family:
     return REGISTRY[name]
 
 
-def apply_aim(model: torch.nn.Module, config: AIMConfig | None = None, **overrides) -> torch.nn.Module:
+def apply_aim(model: torch.nn.Module, config: AIMConfig | Mapping | None = None, **overrides) -> torch.nn.Module:
     """Patch `model` in place so visual tokens are merged before the LLM and pruned inside it.
 
     Args:
         model: a loaded transformers model of a supported class (see `SUPPORTED_MODELS`).
-        config: an `AIMConfig`; default: the paper's settings.
+        config: an `AIMConfig` or a dict of its fields; default: the paper's settings.
         **overrides: fields of `AIMConfig` to change, e.g. ``merge_keep=0.25, prune_start=14``.
 
-    Applying again re-configures the existing patch (never patches twice).
+    Applying again re-configures the existing patch (never patches twice). A single call can use
+    another setting with ``model.generate(..., aim_config=...)`` or `settings`.
     Returns the same model, for chaining.
     """
     family = family_for(model)
     compat.warn_if_untested()
-    config = (config or AIMConfig()).replace(**overrides) if overrides else (config or AIMConfig())
-    controller: Controller | None = getattr(model, "_aim", None)
+    config = as_config(config) or AIMConfig()
+    if overrides:
+        config = config.replace(**overrides)
+    controller: Controller | None = getattr(multimodal_of(model), "_aim", None)
     if controller is not None:
+        if controller.owner is not model:
+            raise ValueError(_other_owner(model, controller))
         controller.configure(config)
         logger.info("AIM re-configured on %s: %s", type(model).__name__, config)
         return model
     controller = Controller(model, family, config)
     controller.install()
-    model._aim = controller
+    for holder in {id(model): model, id(controller.multimodal): controller.multimodal}.values():
+        holder._aim = controller
     logger.info("AIM applied to %s: %s", type(model).__name__, config)
     return model
 
 
 def remove_aim(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `apply_aim`: the model's methods are exactly the ones it had before."""
-    controller: Controller | None = getattr(model, "_aim", None)
-    if controller is None:
-        raise ValueError(f"AIM is not applied to this {type(model).__name__}")
+    controller = _controller_of(model)
     controller.remove()
-    del model._aim
+    for holder in {id(model): model, id(controller.multimodal): controller.multimodal}.values():
+        del holder._aim
     return model
 
 
 def is_applied(model: torch.nn.Module) -> bool:
-    """Whether `apply_aim` is in effect on `model`."""
+    """Whether `apply_aim` is in effect on `model` (applied to it, or to the model that holds it)."""
     return getattr(model, "_aim", None) is not None
 
 
+def _other_owner(model: torch.nn.Module, controller: Controller) -> str:
+    inner = controller.multimodal
+    applied_to = "the model that holds this one" if controller.owner is not inner else "its inner model (`.model`)"
+    return (
+        f"AIM is applied to {applied_to}, a {type(controller.owner).__name__}, not to this "
+        f"{type(model).__name__}: call apply_aim / remove_aim / settings on that one"
+    )
+
+
 def _controller_of(model: torch.nn.Module) -> Controller:
-    controller: Controller | None = getattr(model, "_aim", None)
+    controller: Controller | None = getattr(multimodal_of(model), "_aim", None)
     if controller is None:
         raise ValueError(f"AIM is not applied to this {type(model).__name__}; call apply_aim(model) first")
+    if controller.owner is not model:
+        raise ValueError(_other_owner(model, controller))
     return controller
 
 
 def last_stats(model: torch.nn.Module) -> AIMStats | None:
-    """Token counts of the model's last prefill under AIM (None before the first)."""
-    return _controller_of(model).last_stats
+    """Token counts of the last prefill this thread ran on `model` under AIM (None before the first)."""
+    return _controller_of(model).last_stats()
+
+
+@contextlib.contextmanager
+def settings(model: torch.nn.Module, config: AIMConfig | Mapping | None = None, **overrides) -> Iterator[None]:
+    """Within the block, calls of `model` from this thread use another AIM setting; other threads
+    keep theirs. ``config``/``overrides`` as in `apply_aim`, on top of the model's current config::
+
+        with aim.settings(model, merge_keep=0.5, prune=False):
+            model.generate(**inputs)
+    """
+    controller = _controller_of(model)
+    chosen = as_config(config) or controller.config
+    if overrides:
+        chosen = chosen.replace(**overrides)
+    with call_options(controller, config=controller.checked(chosen)):
+        yield
+
+
+@contextlib.contextmanager
+def recording_positions(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, prefills of `model` from this thread record which visual tokens each
+    stage kept (`AIMStats.kept_visual_positions`; see `aim.visualize`)."""
+    with call_options(_controller_of(model), record_positions=True):
+        yield

@@ -6,30 +6,54 @@ model's forward and feature functions to learn where the visual tokens are, and
 installing `AIMTextForward` on the text decoder. Every change is an instance attribute
 recorded in `Controller.saved`, so `remove` restores the model exactly.
 
-Written for transformers 5.x (checked against 5.23): the ``*Model`` classes expose
-``language_model``, ``get_image_features`` / ``get_video_features`` returning
-``BaseModelOutputWithPooling`` and fill placeholders with ``masked_scatter``.
+Per-call state (input ids, recorded features, config, stats) never lives here: each call of the
+patched forward makes a `aim.context.CallState` and passes it down through a context variable,
+so one patched model serves many threads with different settings. The patched callables are
+small objects, not closures, so ``copy.deepcopy(model)`` gives a copy patched on its own modules.
+
+Written for transformers 5.21-5.24: the ``*Model`` classes expose ``language_model``,
+``get_image_features`` / ``get_video_features`` returning ``BaseModelOutputWithPooling`` and fill
+placeholders with ``masked_scatter``.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
-from typing import Any, Callable
+import threading
+import weakref
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..config import AIMConfig
+from ..context import CallState, CaptureHook, current_call, options_for, running
 from ..engine import AIMTextForward
 from ..layout import VisualLayout, build_layout, flatten_item_groups
 from ..stats import AIMStats
 
 logger = logging.getLogger(__name__)
 
-_MISSING = object()
 ItemGroups = list[list[torch.Tensor]]
-_GROUPS_ATTR = "_aim_item_groups"  # set on the feature outputs, which generate() may compute before forward
+
+
+class _Missing:
+    """Marks an attribute the model did not have before the patch; the same object after copies."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 class Family:
@@ -42,7 +66,6 @@ class Family:
     the item's first feature.
     """
 
-    name: str = ""
     class_names: tuple[str, ...] = ()
 
     def image_groups(self, model: torch.nn.Module, features: Any, call: inspect.BoundArguments) -> ItemGroups:
@@ -52,14 +75,25 @@ class Family:
         raise NotImplementedError
 
 
+def as_config(config: AIMConfig | Mapping | None) -> AIMConfig | None:
+    """An `AIMConfig` from a config, a mapping of its fields, or None."""
+    if config is None or isinstance(config, AIMConfig):
+        return config
+    if isinstance(config, Mapping):
+        return AIMConfig().replace(**dict(config))
+    raise TypeError(f"an AIM config must be an AIMConfig or a dict of its fields, got {type(config).__name__}")
+
+
 class Controller:
-    """The AIM state of one patched model, stored as ``model._aim``."""
+    """The AIM patch of one model: what was changed, the model-level config, nothing per call.
+
+    Stored as ``_aim`` on the model it was applied to (`owner`) and on its multimodal ``*Model``.
+    """
 
     def __init__(self, model: torch.nn.Module, family: Family, config: AIMConfig) -> None:
+        self.owner = model
         self.family = family
-        # a *ForConditionalGeneration wraps the multimodal *Model as `.model`; the latter may be given directly
-        inner = getattr(model, "model", None)
-        self.multimodal = inner if inner is not None and hasattr(inner, "language_model") else model
+        self.multimodal = multimodal_of(model)
         self.text_model = self.multimodal.language_model
         layer_types = getattr(self.text_model.config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
@@ -68,14 +102,14 @@ class Controller:
                 f"{sorted(set(layer_types))} (sliding-window attention is not supported)"
             )
         self.num_layers = len(self.text_model.layers)
-        self.configure(config)
+        self.config = self.checked(config)
         self.saved: list[tuple[Any, str, Any]] = []
-        self.last_stats: AIMStats | None = None
-        self.record_positions = False  # set by aim.visualize.record_kept_tokens
-        self._recording: dict[str, list] | None = None
-        self._input_ids: torch.Tensor | None = None
+        self.active = False
+        self.groups = FeatureGroups()
+        self._last_stats: dict[int, AIMStats] = {}  # per thread
 
-    def configure(self, config: AIMConfig) -> None:
+    def checked(self, config: AIMConfig) -> AIMConfig:
+        """`config` after the checks against this model (attention implementation, depth)."""
         attn = getattr(self.text_model.config, "_attn_implementation", "eager")
         if config.enabled and attn not in ("eager", "sdpa"):
             raise NotImplementedError(
@@ -83,23 +117,40 @@ class Controller:
                 "Load it with attn_implementation='sdpa'."
             )
         config.check_depth(self.num_layers)
-        self.config = config
-        self.keep_ratios = config.keep_ratios(self.num_layers)
+        return config
+
+    def configure(self, config: AIMConfig) -> None:
+        self.config = self.checked(config)
+
+    def remember(self, stats: AIMStats) -> None:
+        self._last_stats[threading.get_ident()] = stats
+
+    def last_stats(self) -> AIMStats | None:
+        """Stats of the last prefill this thread ran."""
+        return self._last_stats.get(threading.get_ident())
 
     # --- installing and removing -------------------------------------------------------
     def _set(self, obj: Any, name: str, value: Any) -> None:
         self.saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
         setattr(obj, name, value)
 
+    def _projections(self):
+        for layer in self.text_model.layers:
+            yield "q", layer.self_attn.q_proj
+            yield "k", layer.self_attn.k_proj
+
     def install(self) -> None:
         mm = self.multimodal
         self.original_text_forward = self.text_model.forward
         self._set(self.text_model, "forward", AIMTextForward(self.text_model, self))
-        self._set(mm, "forward", self._wrap_forward(mm.forward))
+        self._set(mm, "forward", MultimodalForward(self, mm.forward))
         for modality in ("image", "video"):
             fn = getattr(mm, f"get_{modality}_features", None)
             if fn is not None:
-                self._set(mm, f"get_{modality}_features", self._wrap_features(fn, modality))
+                self._set(mm, f"get_{modality}_features", FeatureFunction(self, fn, modality))
+        for name, projection in self._projections():  # inert unless a call asks (aim.context)
+            projection.register_forward_hook(CaptureHook(name))
+        self.active = True
 
     def remove(self) -> None:
         for obj, name, old in reversed(self.saved):
@@ -108,55 +159,24 @@ class Controller:
             else:
                 setattr(obj, name, old)
         self.saved.clear()
+        for _, projection in self._projections():
+            for key, hook in list(projection._forward_hooks.items()):
+                if isinstance(hook, CaptureHook):
+                    del projection._forward_hooks[key]
+                    projection._forward_hooks_with_kwargs.pop(key, None)
+                    projection._forward_hooks_always_called.pop(key, None)
+        self.active = False
 
-    # --- learning where the visual tokens are -----------------------------------------
-    def _wrap_forward(self, forward: Callable) -> Callable:
-        signature = inspect.signature(forward)
-
-        @functools.wraps(forward)
-        def aim_multimodal_forward(*args, **kwargs):
-            call = signature.bind_partial(*args, **kwargs)
-            self._input_ids = call.arguments.get("input_ids")
-            # features encoded before the forward (generate() does this) arrive as mm_encoder_outputs
-            given = call.arguments.get("mm_encoder_outputs") or {}
-            self._recording = {modality: [] for modality in ("image", "video")}
-            for modality, output in given.items():
-                if modality in self._recording and output is not None:
-                    self._recording[modality].append(output)
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                self._recording = None
-                self._input_ids = None
-
-        return aim_multimodal_forward
-
-    def _wrap_features(self, fn: Callable, modality: str) -> Callable:
-        signature = inspect.signature(fn)
-        describe = getattr(self.family, f"{modality}_groups")
-
-        @functools.wraps(fn)
-        def aim_features(*args, **kwargs):
-            output = fn(*args, **kwargs)
-            pooled = getattr(output, "pooler_output", None)
-            if pooled is not None:
-                call = signature.bind_partial(*args, **kwargs)
-                object.__setattr__(output, _GROUPS_ATTR, describe(self.multimodal, pooled, call))
-                if self._recording is not None:
-                    self._recording[modality].append(output)
-            return output
-
-        return aim_features
-
-    def take_layout(self) -> VisualLayout | None:
-        """The visual layout of the chunk the text decoder is about to run (once per forward)."""
-        if self._recording is None:
+    # --- where the visual tokens are ---------------------------------------------------
+    def take_layout(self, state: CallState | None) -> VisualLayout | None:
+        """The visual layout of the call's LLM input (taken once per call)."""
+        if state is None or state.layout_taken:
             return None
+        state.layout_taken = True
         cfg = self.multimodal.config
         token_ids = [getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None)]
-        groups = [_feature_groups(self._recording[m]) for m in ("image", "video")]
-        self._recording = None
-        if self._input_ids is None:
+        groups = [self.groups.of(state.recording[m]) for m in ("image", "video")]
+        if state.input_ids is None:
             if any(groups):
                 raise ValueError(
                     "AIM needs input_ids to find the visual placeholder tokens; got inputs_embeds only. "
@@ -164,24 +184,99 @@ class Controller:
                 )
             return None
         pairs = [(tid, g) for tid, g in zip(token_ids, groups) if tid is not None]
-        layout = build_layout(self._input_ids, pairs)
+        layout = build_layout(state.input_ids, pairs)
         if not layout.visual.any():
             return None
         return layout
 
 
-def _feature_groups(outputs: list) -> list[torch.Tensor]:
-    """Merge groups (indices into the modality's concatenated features) of recorded outputs."""
-    groups: list[torch.Tensor] = []
-    offset = 0
-    for output in outputs:
-        items = output.pooler_output
-        item_groups = getattr(output, _GROUPS_ATTR, None)
-        if item_groups is None:
-            logger.warning(
-                "visual features were encoded before AIM was applied; their tokens are pruned but not merged"
-            )
-        else:
+def multimodal_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The multimodal ``*Model`` of a ``*ForConditionalGeneration`` (or the model itself)."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "language_model") else model
+
+
+class FeatureGroups:
+    """The merge groups of each visual-feature output, kept beside the outputs (not on them):
+    generate() may encode the features before the forward that places them."""
+
+    def __init__(self) -> None:
+        self._table: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
+
+    def remember(self, output: Any, item_groups: ItemGroups) -> None:
+        key = id(output)
+        self._table[key] = (weakref.ref(output, lambda _, key=key: self._table.pop(key, None)), item_groups)
+
+    def item_groups(self, output: Any) -> ItemGroups | None:
+        entry = self._table.get(id(output))
+        return entry[1] if entry is not None and entry[0]() is output else None
+
+    def of(self, outputs: list) -> list[torch.Tensor]:
+        """Merge groups (indices into the modality's concatenated features) of recorded outputs."""
+        groups: list[torch.Tensor] = []
+        offset = 0
+        for output in outputs:
+            items = output.pooler_output
+            item_groups = self.item_groups(output)
+            if item_groups is None:
+                raise NotImplementedError(
+                    "these visual features carry no merge groups: they were split by chunked prefill "
+                    "(generate(..., prefill_chunk_size=N)) or encoded before apply_aim. AIM merges and "
+                    "prunes each image / video as a whole in one prefill: use prefill_chunk_size=None"
+                )
             groups.extend(g + offset for g in flatten_item_groups(items, item_groups))
-        offset += sum(item.shape[0] for item in items)
-    return groups
+            offset += sum(item.shape[0] for item in items)
+        return groups
+
+
+class MultimodalForward:
+    """The multimodal model's forward while patched: runs the original inside a new `CallState`.
+
+    Takes ``aim_config=`` (an `AIMConfig` or a dict of its fields) for this call only."""
+
+    def __init__(self, controller: Controller, original: Callable) -> None:
+        self.controller = controller
+        self.original = original
+        self.__wrapped__ = original  # inspect.signature and generate() see the original's arguments
+
+    def __call__(self, *args, **kwargs):
+        controller = self.controller
+        options = options_for(controller)
+        given = as_config(kwargs.pop("aim_config", None))
+        config = controller.checked(given) if given is not None else options.config or controller.config
+        call = inspect.signature(self.original).bind_partial(*args, **kwargs)
+        state = CallState(owner=controller, config=config, input_ids=call.arguments.get("input_ids"),
+                          record_positions=options.record_positions)
+        # features encoded before the forward (generate() does this) arrive as mm_encoder_outputs
+        for modality, output in (call.arguments.get("mm_encoder_outputs") or {}).items():
+            if modality in state.recording and output is not None:
+                state.recording[modality].append(output)
+        with running(state):
+            output = self.original(*args, **kwargs)
+        if state.stats is not None:
+            controller.remember(state.stats)
+        return output
+
+
+class FeatureFunction:
+    """``get_image_features`` / ``get_video_features`` while patched: notes each output's merge
+    groups and records the output for the call in progress."""
+
+    def __init__(self, controller: Controller, original: Callable, modality: str) -> None:
+        self.controller = controller
+        self.original = original
+        self.modality = modality
+        self.__wrapped__ = original
+
+    def __call__(self, *args, **kwargs):
+        controller = self.controller
+        output = self.original(*args, **kwargs)
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is not None:
+            call = inspect.signature(self.original).bind_partial(*args, **kwargs)
+            describe = getattr(controller.family, f"{self.modality}_groups")
+            controller.groups.remember(output, describe(controller.multimodal, pooled, call))
+            state = current_call(controller)
+            if state is not None:
+                state.recording[self.modality].append(output)
+        return output
