@@ -100,12 +100,14 @@ def _regions(size: int, out: int) -> list[tuple[int, int]]:
 def last_token_importance(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """FastV's ranking: the attention the last token pays to each token, mean over heads.
 
-    Args as `aim.prune.pagerank_importance_reference` (the last slot is the prompt's last
-    token: the engine left-pads). Returns ``(batch, N)`` float32.
+    Args as `aim.prune.pagerank_importance_reference`. The query is each prompt's last valid
+    token (with right padding that is not the last slot). Returns ``(batch, N)`` float32.
     """
     batch, heads, n, head_dim = query.shape
     kv_heads = key.shape[1]
-    last = rearrange(query[:, :, -1].float(), "b (kv g) d -> b kv g d", kv=kv_heads)
+    last_slot = n - 1 - valid.flip(1).int().argmax(1)  # (batch,)
+    last_query = query.gather(2, last_slot.view(batch, 1, 1, 1).expand(batch, heads, 1, head_dim)).squeeze(2)
+    last = rearrange(last_query.float(), "b (kv g) d -> b kv g d", kv=kv_heads)
     logits = (last @ key.float().transpose(-1, -2)) * head_dim**-0.5  # (batch, kv, group, N)
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     return rearrange(torch.softmax(logits, dim=-1), "b kv g n -> b (kv g) n").mean(dim=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 import torch
 from einops import rearrange
 from transformers.cache_utils import DynamicCache
@@ -113,6 +114,7 @@ class AIMTextForward:
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
         state: CacheState | None = aim_state_of(cache)
+        continues_aim_cache = state is not None
         past_len = state.seen_tokens if state else (cache.get_seq_length() if cache else 0)
 
         chunk_valid, past_valid = _split_padding_mask(attention_mask, batch, length, past_len, device)
@@ -123,6 +125,8 @@ class AIMTextForward:
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 
         visual = layout.visual.to(device) & chunk_valid if layout is not None else torch.zeros_like(chunk_valid)
+        if layout is not None:
+            _check_text_after_visual(visual, chunk_valid)
         tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove")
         visual_before = visual.sum(dim=1)
         generator = torch.Generator().manual_seed(config.seed)  # the random baselines only
@@ -193,10 +197,11 @@ class AIMTextForward:
 
         hidden = model.norm(tokens.outputs())
         if use_cache:
-            cache = as_aim_cache(
-                cache, CacheState(past_len + length, new_layer_valid, owner_active=lambda: controller.active)
-            )
-        if layout is not None or state is None:
+            if state is None:
+                state = CacheState(past_len, [], owner_active=_patched(controller.multimodal))
+            state.seen_tokens, state.layer_valid = past_len + length, new_layer_valid
+            cache = as_aim_cache(cache, state)
+        if layout is not None or not continues_aim_cache:
             _publish(controller, call, AIMStats(
                 input_tokens=chunk_valid.sum(1).tolist(),
                 visual_tokens_before_merge=visual_before.tolist(),
@@ -210,6 +215,28 @@ class AIMTextForward:
                 visual_groups=_group_positions(layout) if kept_positions is not None else None,
             ))
         return compat.model_output(hidden, cache if use_cache else None)
+
+
+def _check_text_after_visual(visual: torch.Tensor, valid: torch.Tensor) -> None:
+    """The last token of each prompt gives the next-token logits, so it must run through every
+    layer: AIM may merge or prune it away if it is visual. Chat prompts end in text (the question,
+    the assistant turn); a prompt that ends on an image / video is refused with what to do."""
+    last = valid.shape[1] - 1 - valid.flip(1).int().argmax(1)
+    ends_visual = visual.gather(1, last.unsqueeze(1)).squeeze(1) & valid.any(1)
+    if bool(ends_visual.any()):
+        rows = ends_visual.nonzero().flatten().tolist()
+        raise ValueError(
+            f"prompt(s) {rows} of the batch end with a visual token: AIM merges and prunes visual tokens, "
+            "but the last token gives the next-token logits and must stay. Put text after the image / "
+            "video (the question, or the chat template's assistant prompt), or call the model with "
+            "apply_aim(model, enabled=False) for such prompts"
+        )
+
+
+def _patched(module: torch.nn.Module):
+    """Whether `module` (a multimodal model) is still patched, without keeping it alive."""
+    ref = weakref.ref(module)
+    return lambda: getattr(ref(), "_aim", None) is not None
 
 
 def _publish(controller, call, stats: AIMStats) -> None:

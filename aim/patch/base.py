@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..config import AIMConfig
-from ..context import CallState, CaptureHook, current_call, options_for, running
+from ..context import CallState, CaptureHook, call_options, current_call, options_for, running
 from ..engine import AIMTextForward
 from ..layout import VisualLayout, build_layout, flatten_item_groups
 from ..stats import AIMStats
@@ -144,6 +144,8 @@ class Controller:
         self.original_text_forward = self.text_model.forward
         self._set(self.text_model, "forward", AIMTextForward(self.text_model, self))
         self._set(mm, "forward", MultimodalForward(self, mm.forward))
+        if callable(getattr(self.owner, "generate", None)):
+            self._set(self.owner, "generate", Generate(self, self.owner.generate))
         for modality in ("image", "video"):
             fn = getattr(mm, f"get_{modality}_features", None)
             if fn is not None:
@@ -256,6 +258,22 @@ class MultimodalForward:
         if state.stats is not None:
             controller.remember(state.stats)
         return output
+
+
+class Generate:
+    """``generate`` while patched: takes ``aim_config=`` for this generation only (generate()
+    itself refuses arguments its model's forward does not name)."""
+
+    def __init__(self, controller: Controller, original: Callable) -> None:
+        self.controller = controller
+        self.original = original
+        self.__wrapped__ = original
+
+    def __call__(self, *args, aim_config: AIMConfig | Mapping | None = None, **kwargs):
+        if aim_config is None:
+            return self.original(*args, **kwargs)
+        with call_options(self.controller, config=self.controller.checked(as_config(aim_config))):
+            return self.original(*args, **kwargs)
 
 
 class FeatureFunction:
