@@ -2,7 +2,8 @@
 
 CUDA tensors use the Triton kernels when triton is importable; everything else
 uses the torch references in `aim.merge` / `aim.prune`. ``AIM_BACKEND=torch`` or
-``AIM_BACKEND=triton`` forces one path.
+``AIM_BACKEND=triton`` forces one path. `aim.merge.best_match` and
+`aim.prune.pagerank_importance` ask here; this module imports neither.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import os
 
 import torch
 
-from .merge import best_match_reference
 from .optional import require
-from .prune import pagerank_importance_reference
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -33,23 +32,3 @@ def backend_for(tensor: torch.Tensor) -> str:
 
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def best_match(set_a: torch.Tensor, set_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best cosine match in `set_b` for each token of `set_a` (see `best_match_reference`)."""
-    if backend_for(set_a) == "triton":
-        from .kernels.matching import best_match_triton
-
-        return best_match_triton(set_a, set_b)
-    return best_match_reference(set_a, set_b)
-
-
-def pagerank_importance(
-    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, tau: float = 0.1, iterations: int = 5
-) -> torch.Tensor:
-    """PageRank importance (see `pagerank_importance_reference`)."""
-    if backend_for(query) == "triton":
-        from .kernels.importance import pagerank_importance_triton
-
-        return pagerank_importance_triton(query, key, valid, tau=tau, iterations=iterations)
-    return pagerank_importance_reference(query, key, valid, tau=tau, iterations=iterations)

@@ -27,9 +27,8 @@ from . import compat
 
 from .baselines import last_token_importance, reduce_groups
 from .config import AIMConfig, visual_tokens_kept
-from .dispatch import pagerank_importance
 from .layout import VisualLayout
-from .prune import select_tokens
+from .prune import pagerank_importance, select_tokens
 from .stats import AIMStats
 from .context import capture_request, current_call
 from .tokens import CacheState, TokenSet, aim_state_of, as_aim_cache, attention_mask_4d
@@ -120,8 +119,7 @@ class AIMTextForward:
         chunk_valid, past_valid = _split_padding_mask(attention_mask, batch, length, past_len, device)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + length, device=device).expand(batch, length)
-        rope_ids = position_ids[1:] if position_ids.ndim == 3 and position_ids.shape[0] == 4 else position_ids
-        cos, sin = model.rotary_emb(inputs_embeds, rope_ids)
+        cos, sin = model.rotary_emb(inputs_embeds, controller.family.rope_position_ids(position_ids))
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 
         visual = layout.visual.to(device) & chunk_valid if layout is not None else torch.zeros_like(chunk_valid)

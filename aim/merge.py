@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .config import visual_tokens_kept
+from .counts import merge_counts, merged_token_count  # noqa: F401 (re-exported)
+from .dispatch import backend_for
 
 
 def best_match_reference(set_a: torch.Tensor, set_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +30,16 @@ def best_match_reference(set_a: torch.Tensor, set_b: torch.Tensor) -> tuple[torc
     a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (a @ b.transpose(-1, -2)).max(dim=-1)
+
+
+def best_match(set_a: torch.Tensor, set_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cosine match in `set_b` for each token of `set_a` (see `best_match_reference`): the Triton
+    kernel for CUDA tensors when triton is installed, else the reference (`aim.dispatch`)."""
+    if backend_for(set_a) == "triton":
+        from .kernels.matching import best_match_triton
+
+        return best_match_triton(set_a, set_b)
+    return best_match_reference(set_a, set_b)
 
 
 @dataclass
@@ -51,8 +62,6 @@ def merge_step(
     num_a = (n + 1) // 2
     if n < 2 or num_merge > num_a:
         raise ValueError(f"cannot merge {num_merge} of {n} tokens in one bipartite step (at most {num_a}, n >= 2)")
-    from .dispatch import best_match  # local: dispatch imports kernels lazily
-
     feat_a, feat_b = features[:, ::2], features[:, 1::2]
     score, partner = best_match(feat_a, feat_b)
     order = score.argsort(dim=-1, descending=True, stable=True)
@@ -74,23 +83,6 @@ def merge_step(
     out_s = out_s.gather(1, restore)
     out_w = out_w.gather(1, restore.unsqueeze(-1).expand(-1, -1, dim))
     return MergedTokens((out_w / out_s.unsqueeze(-1)).to(features.dtype), out_s, out_i)
-
-
-def merge_counts(num_tokens: int, schedule: Sequence[float]) -> list[int]:
-    """Tokens merged away at each step for a group of `num_tokens` (shared with the FLOPs model)."""
-    counts, current = [], num_tokens
-    for keep in schedule:
-        target = max(1, visual_tokens_kept(num_tokens, keep))
-        # rounding can ask for a hair more than half; a step never removes more than set A holds
-        num_merge = max(0, min(current - target, (current + 1) // 2 if current > 1 else 0))
-        counts.append(num_merge)
-        current -= num_merge
-    return counts
-
-
-def merged_token_count(num_tokens: int, schedule: Sequence[float]) -> int:
-    """Tokens left of a group of `num_tokens` after merging down `schedule`."""
-    return num_tokens - sum(merge_counts(num_tokens, schedule))
 
 
 def merge_tokens(features: torch.Tensor, schedule: Sequence[float]) -> MergedTokens:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from .dispatch import backend_for
+
 
 def pagerank_importance_reference(
     query: torch.Tensor,
@@ -50,6 +52,18 @@ def pagerank_importance_reference(
     for _ in range(iterations):
         scores = (scores.unsqueeze(-2) @ attention).squeeze(-2)
     return scores.pow(2).mean(dim=1).sqrt()
+
+
+def pagerank_importance(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, tau: float = 0.1, iterations: int = 5
+) -> torch.Tensor:
+    """PageRank importance (see `pagerank_importance_reference`): the Triton kernel for CUDA tensors
+    when triton is installed, else the reference (`aim.dispatch`)."""
+    if backend_for(query) == "triton":
+        from .kernels.importance import pagerank_importance_triton
+
+        return pagerank_importance_triton(query, key, valid, tau=tau, iterations=iterations)
+    return pagerank_importance_reference(query, key, valid, tau=tau, iterations=iterations)
 
 
 def select_tokens(

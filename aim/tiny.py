@@ -1,9 +1,10 @@
 """Tiny random-weight vision-language models, built entirely in code (no hub access).
 
 The models are instances of the real ``transformers`` ForConditionalGeneration classes, with
-configs shrunk so that a forward pass on CPU takes milliseconds. :func:`make_inputs` builds
-matching inputs (placeholder tokens, pixel values and the family's extra tensors) that can be
-passed straight to ``model(**inputs)`` or ``model.generate(**inputs)``.
+configs shrunk so that a forward pass on CPU takes milliseconds; each family's own file
+(``aim/families/<model_type>.py``) says how to build its config and pixel inputs.
+:func:`make_inputs` builds matching inputs (placeholder tokens, pixel values and the family's
+extra tensors) that can be passed straight to ``model(**inputs)`` or ``model.generate(**inputs)``.
 
 Token layout shared by every family (vocab of :data:`VOCAB_SIZE` ids):
 ``pad=0, bos=1, eos=2, image=3, video=4, vision_start=5, vision_end=6``; random text tokens are
@@ -13,43 +14,34 @@ drawn from ``[FIRST_TEXT_ID, VOCAB_SIZE)``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 import transformers as tf
 from transformers import PreTrainedModel
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from .families import Family, all_families, family_for_model_type
+from .families.base import BOS_ID, EOS_ID, FIRST_TEXT_ID, IMAGE_ID, PAD_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
-VIDEO_FAMILIES = ("llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
-ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+__all__ = ["VOCAB_SIZE", "PAD_ID", "BOS_ID", "EOS_ID", "IMAGE_ID", "VIDEO_ID", "VISION_START_ID", "VISION_END_ID",
+           "FIRST_TEXT_ID", "families", "build_config", "build_tiny_model", "make_inputs"]
 
 VOCAB_SIZE = 320
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 3, 4, 5, 6
-FIRST_TEXT_ID = 8
+TOKEN_IDS = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
-VISION_HIDDEN = 32  # hidden size of every tiny vision tower
-# Vision tower input resolution for the llava families (patch size 8): 6x6 or 8x8 patches.
-# The video families need an even 8x8 grid: pooling 2x2 then leaves 16 tokens per frame.
-LLAVA_IMAGE_SIZE = {"llava": 48, "llava_next": 48, "llava_next_video": 64, "llava_onevision": 64}
-LLAVA_PATCH = 8
-QWEN_PATCH = 14
-QWEN_IMAGE_GRID = (12, 16)  # (h, w) in patches -> 6x8 = 48 merged tokens per image / temporal slice
 
-_TOKEN_IDS = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
-_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+def families() -> tuple[str, ...]:
+    """The ``model_type`` of every family a tiny model can be built of."""
+    return tuple(f.model_type for f in all_families())
+
+
+def _family(model_type: str) -> Family:
+    family = family_for_model_type(model_type)
+    if family is None:
+        raise ValueError(f"unknown family {model_type!r}; expected one of {families()}")
+    return family
 
 
 def _text_kwargs(num_layers: int, hidden_size: int) -> dict:
@@ -65,83 +57,19 @@ def _text_kwargs(num_layers: int, hidden_size: int) -> dict:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
-        **_TOKEN_IDS,
+        **TOKEN_IDS,
     )
 
 
-def _clip(image_size: int) -> tf.CLIPVisionConfig:
-    return tf.CLIPVisionConfig(
-        hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, projection_dim=VISION_HIDDEN,
-        num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=LLAVA_PATCH,
-    )
-
-
-def _pinpoints(size: int) -> list[list[int]]:
-    return [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
-
-
-def _mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies into (t, h, w) like Qwen's [16, 24, 24] for head_dim 128."""
-    half = head_dim // 2
-    t = max(1, half // 4)
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
-def _build_config(family: str, num_layers: int, hidden_size: int, image_size: int | None) -> tf.PreTrainedConfig:
-    text = _text_kwargs(num_layers, hidden_size)
-    size = image_size or LLAVA_IMAGE_SIZE.get(family)
-    if family == "llava":
-        n_tokens = (size // LLAVA_PATCH) ** 2
-        return tf.LlavaConfig(
-            vision_config=_clip(size), text_config=tf.LlamaConfig(**text),
-            image_token_index=IMAGE_ID, image_seq_length=n_tokens,
-        )
-    if family == "llava_next":
-        return tf.LlavaNextConfig(
-            vision_config=_clip(size), text_config=tf.MistralConfig(sliding_window=None, **text),
-            image_token_index=IMAGE_ID, image_grid_pinpoints=_pinpoints(size),
-            image_seq_length=(size // LLAVA_PATCH) ** 2,
-        )
-    if family == "llava_next_video":
-        grid = size // LLAVA_PATCH
-        return tf.LlavaNextVideoConfig(
-            vision_config=_clip(size), text_config=tf.Qwen2Config(use_sliding_window=False, **text),
-            image_token_index=IMAGE_ID, video_token_index=VIDEO_ID, image_grid_pinpoints=_pinpoints(size),
-            spatial_pool_mode="average", spatial_pool_stride=2,
-            image_seq_length=grid**2, video_seq_length=(grid // 2) ** 2,
-        )
-    if family == "llava_onevision":
-        vision = tf.SiglipVisionConfig(
-            hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_hidden_layers=2,
-            num_attention_heads=2, image_size=size, patch_size=LLAVA_PATCH, vision_use_head=False,
-        )
-        return tf.LlavaOnevisionConfig(
-            vision_config=vision, text_config=tf.Qwen2Config(use_sliding_window=False, **text),
-            image_token_index=IMAGE_ID, video_token_index=VIDEO_ID, image_grid_pinpoints=_pinpoints(size),
-            vision_aspect_ratio="anyres_max_9", vision_feature_select_strategy="full", vision_feature_layer=-1,
-        )
-    if family in QWEN_FAMILIES:
-        text["rope_parameters"] = {
-            "rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _mrope_section(hidden_size // 4),
-        }
-        vision = dict(depth=2, num_heads=2, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2)
-        if family == "qwen2_vl":
-            # Qwen2-VL: ``embed_dim`` is the ViT width, ``hidden_size`` the merger output (= text hidden).
-            vision.update(embed_dim=VISION_HIDDEN, hidden_size=hidden_size, mlp_ratio=2)
-            cls = tf.Qwen2VLConfig
-        else:
-            # Qwen2.5-VL: ``hidden_size`` is the ViT width, ``out_hidden_size`` the merger output. A window of
-            # 112 px = 4 merged units (8x8 patches), so a 12x16-patch image really uses windowed attention;
-            # block 1 is a full-attention block.
-            vision.update(hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, out_hidden_size=hidden_size,
-                          window_size=4 * 2 * QWEN_PATCH, fullatt_block_indexes=[1], tokens_per_second=2)
-            cls = tf.Qwen2_5_VLConfig
-        return cls(
-            text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-            vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
-        )
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+def build_config(family: str, num_layers: int = 4, hidden_size: int = 64, image_size: int | None = None):
+    """The tiny config of `family` (a ``model_type``), token ids set."""
+    fam = _family(family)
+    if image_size is not None and image_size % 16:
+        raise ValueError("image_size must be a multiple of 16 (patch size 8, then 2x2 pooling)")
+    config = fam.tiny_config(_text_kwargs(num_layers, hidden_size), image_size)
+    for name, value in TOKEN_IDS.items():
+        setattr(config, name, value)
+    return config
 
 
 def build_tiny_model(
@@ -156,7 +84,7 @@ def build_tiny_model(
     """Build a tiny, randomly initialised ForConditionalGeneration model of ``family``.
 
     Args:
-        family: one of :data:`FAMILIES`.
+        family: a ``model_type`` of :func:`families`.
         attn_implementation: ``"eager"`` or ``"sdpa"`` (applied to text and vision towers).
         num_layers: number of text decoder layers.
         seed: ``torch.manual_seed`` used before initialisation, so the weights are deterministic.
@@ -168,63 +96,15 @@ def build_tiny_model(
     Returns:
         The model in eval mode, on CPU.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    if image_size is not None and (family in QWEN_FAMILIES or image_size % (2 * LLAVA_PATCH)):
-        raise ValueError(f"image_size applies to the llava families and must be a multiple of {2 * LLAVA_PATCH}")
-    config = _build_config(family, num_layers, hidden_size, image_size)
-    for name, value in _TOKEN_IDS.items():
-        setattr(config, name, value)
+    config = build_config(family, num_layers, hidden_size, image_size)
     torch.manual_seed(seed)
-    model = getattr(tf, _CLASSES[family])._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-    model.generation_config.update(**_TOKEN_IDS)
+    cls = getattr(tf, _family(family).class_names[0])
+    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    model.generation_config.update(**TOKEN_IDS)
     model.eval()
     logger.debug("built tiny %s (%d params, attn=%s)", family, sum(p.numel() for p in model.parameters()),
                  attn_implementation)
     return model
-
-
-def _family(model: PreTrainedModel) -> str:
-    family = model.config.model_type
-    if family not in FAMILIES:
-        raise ValueError(f"unsupported model type {family!r}")
-    return family
-
-
-def _visual_inputs(
-    model: PreTrainedModel, family: str, kind: str, num_frames: int,
-    image_sizes: Sequence[tuple[int, int]] | None, gens: list[torch.Generator],
-) -> dict[str, torch.Tensor]:
-    """Random pixel tensors (plus grids / image sizes), one image or video per generator in ``gens``."""
-    device, dtype, batch_size = model.device, model.dtype, len(gens)
-
-    def rand(i: int, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gens[i]).to(device=device, dtype=dtype)
-
-    if family in QWEN_FAMILIES:
-        vc = model.config.vision_config
-        t = 1 if kind == "image" else math.ceil(num_frames / vc.temporal_patch_size)
-        grid = torch.tensor([[t, *QWEN_IMAGE_GRID]] * batch_size, dtype=torch.long, device=device)
-        row = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-        patches = torch.cat([rand(i, int(grid[i].prod()), row) for i in range(batch_size)])
-        if kind == "image":
-            return {"pixel_values": patches, "image_grid_thw": grid}
-        return {"pixel_values_videos": patches, "video_grid_thw": grid}
-
-    size = model.config.vision_config.image_size
-    if kind == "video":
-        return {"pixel_values_videos": torch.stack([rand(i, num_frames, 3, size, size) for i in range(batch_size)])}
-    if family == "llava":
-        return {"pixel_values": torch.stack([rand(i, 3, size, size) for i in range(batch_size)])}
-    # anyres: one base view + one tile per pinpoint cell, zero-padded to the largest count in the batch
-    sizes = list(image_sizes) if image_sizes is not None else [(size, size * 3 // 2)] * batch_size
-    if len(sizes) != batch_size:
-        raise ValueError(f"got {len(sizes)} image_sizes for batch_size {batch_size}")
-    n_patches = [image_size_to_num_patches(list(s), model.config.image_grid_pinpoints, size) for s in sizes]
-    pixel_values = torch.zeros(batch_size, max(n_patches), 3, size, size, device=device, dtype=dtype)
-    for i, n in enumerate(n_patches):
-        pixel_values[i, :n] = rand(i, n, 3, size, size)
-    return {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes, dtype=torch.long, device=device)}
 
 
 @torch.no_grad()
@@ -259,13 +139,13 @@ def make_inputs(
     """Build inputs for a model from :func:`build_tiny_model`: one image (or video) per sample.
 
     Each sequence is ``[bos] text_a [vision_start] <visual placeholders> [vision_end] text_b``
-    (bos only for the Llama/Mistral families, vision_start/end only for Qwen), where
+    (bos and the vision markers where the family uses them), where
     ``len(text_a) + len(text_b) == text_lengths[i]``. Sequences are padded with ``pad_token_id`` on
     ``padding_side`` and ``attention_mask`` is 0 there.
 
     Args:
-        model: a tiny model (any family in :data:`FAMILIES`).
-        kind: ``"image"`` (all families) or ``"video"`` (only :data:`VIDEO_FAMILIES`).
+        model: a tiny model (any family of :func:`families`).
+        kind: ``"image"`` (all families) or ``"video"`` (families that take video).
         batch_size: number of samples.
         text_lengths: random text tokens per sample; default 8 each.
         num_frames: frames per video (Qwen merges frame pairs: grid_t = ceil(num_frames / 2)).
@@ -281,14 +161,15 @@ def make_inputs(
         ``input_ids``, ``attention_mask``, pixel tensors and the family's extras (``image_sizes``,
         ``image_grid_thw`` / ``video_grid_thw``, ``mm_token_type_ids`` for Qwen).
     """
-    family = _family(model)
+    family = _family(model.config.model_type)
     if kind not in ("image", "video"):
         raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
-    if kind == "video" and family not in VIDEO_FAMILIES:
-        raise ValueError(f"{family} does not accept videos (video families: {VIDEO_FAMILIES})")
+    if kind == "video" and not family.supports_video:
+        video = tuple(f.model_type for f in all_families() if f.supports_video)
+        raise ValueError(f"{family.model_type} does not accept videos (video families: {video})")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if image_sizes is not None and (kind != "image" or family not in ANYRES_FAMILIES):
+    if image_sizes is not None and (kind != "image" or not family.tiny_anyres):
         raise ValueError("image_sizes is only meaningful for images of the anyres families")
     text_lengths = tuple(text_lengths) if text_lengths is not None else (8,) * batch_size
     if len(text_lengths) != batch_size:
@@ -296,7 +177,11 @@ def make_inputs(
 
     # One generator per sample: sample i is identical whatever the batch size / padding side.
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + first_sample + i) for i in range(batch_size)]
-    visual = _visual_inputs(model, family, kind, num_frames, image_sizes, gens)
+
+    def rand(i: int, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gens[i]).to(device=model.device, dtype=model.dtype)
+
+    visual = family.tiny_visual_inputs(model, kind, num_frames, image_sizes, rand, batch_size)
     counts = _feature_counts(model, kind, visual, batch_size)
     placeholder = IMAGE_ID if kind == "image" else VIDEO_ID
 
@@ -304,8 +189,8 @@ def make_inputs(
     for n_text, n_vis, gen in zip(text_lengths, counts, gens):
         text = torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (n_text,), generator=gen).tolist()
         before, after = text[: n_text // 2], text[n_text // 2 :]
-        prefix = [BOS_ID] if family in ("llava", "llava_next") else []
-        open_, close = ([VISION_START_ID], [VISION_END_ID]) if family in QWEN_FAMILIES else ([], [])
+        prefix = [BOS_ID] if family.tiny_bos else []
+        open_, close = ([VISION_START_ID], [VISION_END_ID]) if family.tiny_vision_markers else ([], [])
         seq = prefix + before + open_ + [placeholder] * n_vis + close + after
         sequences.append(seq)
         type_ids.append([(1 if kind == "image" else 2) if t == placeholder else 0 for t in seq])
@@ -321,26 +206,10 @@ def make_inputs(
         mm_token_type_ids[i, span] = torch.tensor(types)
 
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if family in QWEN_FAMILIES:
+    if family.tiny_token_types:
         inputs["mm_token_type_ids"] = mm_token_type_ids
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     inputs.update(visual)
-    logger.debug("%s %s inputs: shape %s, visual tokens per sample %s", family, kind, tuple(input_ids.shape), counts)
+    logger.debug("%s %s inputs: shape %s, visual tokens per sample %s", family.model_type, kind,
+                 tuple(input_ids.shape), counts)
     return inputs
-
-
-def visual_token_counts(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> list[int]:
-    """Number of image/video placeholder tokens in each sample of ``inputs``."""
-    ids = inputs["input_ids"]
-    mask = ids == model.config.image_token_id
-    if getattr(model.config, "video_token_id", None) is not None:
-        mask |= ids == model.config.video_token_id
-    return mask.sum(-1).tolist()
-
-
-def visual_token_count(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> int:
-    """Number of visual placeholder tokens per sample; raises ``ValueError`` if samples differ."""
-    counts = set(visual_token_counts(model, inputs))
-    if len(counts) != 1:
-        raise ValueError(f"samples have different visual token counts: {sorted(counts)}")
-    return counts.pop()

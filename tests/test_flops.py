@@ -358,3 +358,18 @@ def test_prefill_benchmark_quick_run():
 def test_prefill_flops_from_token_counts_checks_the_depth():
     with pytest.raises(ValueError, match="28 decoder layers"):
         F.prefill_flops("llava-onevision-qwen2-7b", [100] * 27)
+
+
+def test_flops_counting_needs_no_torch():
+    """`aim flops` and `aim.flops` read configs only: no torch (nor transformers) import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from aim import flops as F, AIMConfig; "
+        "c = F.compare('llava-onevision-qwen2-7b', F.video_input('llava-onevision-qwen2-7b', 32), AIMConfig()); "
+        "assert c.baseline.prefill_flops > c.aim.prefill_flops; "
+        "import aim.cli; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:5]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from aim import dispatch  # noqa: E402
+from aim import dispatch, merge, prune  # noqa: E402
 from aim.merge import best_match_reference, merge_tokens  # noqa: E402
 from aim.prune import pagerank_importance_reference  # noqa: E402
 from aim.kernels import importance, matching  # noqa: E402
@@ -223,20 +223,20 @@ def test_dispatch_triton_backend_routes_to_kernels(monkeypatch):
     assert dispatch.backend_for(torch.zeros(1)) == "triton"
 
     set_a, set_b = _randn(2, 40, 16, seed=20), _randn(2, 39, 16, seed=21)
-    score, index = dispatch.best_match(set_a, set_b)
+    score, index = merge.best_match(set_a, set_b)
     ref_score, ref_index = best_match_reference(set_a, set_b)
     torch.testing.assert_close(score, ref_score, rtol=1e-5, atol=1e-5)
     assert torch.equal(index, ref_index)
 
     query, key = _randn(1, 4, 50, 16, seed=22), _randn(1, 2, 50, 16, seed=23)
     valid = _left_padded(1, 50, [5])
-    out = dispatch.pagerank_importance(query, key, valid, tau=0.2, iterations=4)
+    out = prune.pagerank_importance(query, key, valid, tau=0.2, iterations=4)
     ref = pagerank_importance_reference(query, key, valid, tau=0.2, iterations=4)
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-5)
     assert calls == ["best_match_triton", "pagerank_importance_triton"]
 
     monkeypatch.setenv("AIM_BACKEND", "torch")
-    dispatch.best_match(set_a, set_b)
+    merge.best_match(set_a, set_b)
     assert len(calls) == 2  # the torch backend does not touch the kernels
 
 

@@ -55,7 +55,7 @@ def test_missing_matplotlib_is_one_line_naming_the_extra(argv, extra, monkeypatc
 def test_missing_triton_with_the_triton_backend_names_the_extra(monkeypatch):
     import torch
 
-    from aim.dispatch import best_match
+    from aim.merge import best_match
 
     _without(monkeypatch, "triton")
     monkeypatch.setenv("AIM_BACKEND", "triton")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import AIMConfig, visual_tokens_kept
-from ..baselines import group_size_after_merge
+from ..counts import group_size_after_merge
 from .inputs import InputSpec
 from .model_spec import ModelSpec, load_model
 

@@ -10,11 +10,12 @@ visual tokens per frame / image.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from ..families import Family, family_for_model_type
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 
@@ -133,38 +134,31 @@ class ModelSpec:
     pool_stride: int = 2  # LLaVA-NeXT-Video's spatial pooling of video frames
 
     @property
+    def family(self) -> Family | None:
+        """The model's family (aim/families), None for a model aim does not patch."""
+        return family_for_model_type(self.model_type)
+
+    @property
     def supports_video(self) -> bool:
-        return self.model_type in ("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl")
+        return self.family is not None and self.family.supports_video
 
     @property
     def frames_per_group(self) -> int:
-        """Video frames per LLM-side merge group: Qwen-VL encodes frame pairs as one temporal slice."""
-        if self.model_type in ("qwen2_vl", "qwen2_5_vl") and self.vision is not None:
-            return self.vision.temporal_patch_size
-        return 1
+        """Video frames per LLM-side merge group (Qwen-VL encodes frame pairs as one temporal slice)."""
+        return self.family.frames_per_group(self.vision) if self.family else 1
 
     @property
     def video_markers(self) -> int:
         """Visual tokens per video outside every frame (LLaVA-OneVision closes a video with one newline)."""
-        return 1 if self.model_type == "llava_onevision" else 0
+        return self.family.video_markers if self.family else 0
 
     def default_tokens_per_frame(self) -> int | None:
         """The model's own visual tokens per video frame, where its config fixes them."""
-        grid = self.vision.grid if self.vision else None
-        if grid is None:
-            return None
-        if self.model_type == "llava_onevision":
-            return math.ceil(grid / 2) ** 2  # 27x27 -> 14x14 = 196 at 384 px
-        if self.model_type == "llava_next_video":
-            return (grid // self.pool_stride) ** 2  # 24x24 -> 12x12 = 144 at 336 px
-        return None
+        return self.family.default_tokens_per_frame(self) if self.family else None
 
     def default_tokens_per_image(self) -> int | None:
         """Tokens of one image (or one anyres crop) where the config fixes them."""
-        grid = self.vision.grid if self.vision else None
-        if grid is None or self.model_type not in ("llava", "llava_next", "llava_next_video", "llava_onevision"):
-            return None
-        return grid * grid
+        return self.family.default_tokens_per_image(self) if self.family else None
 
     def describe(self) -> str:
         m = self.llm
@@ -257,39 +251,7 @@ def _vision_shape(data: dict, model_type: str, llm: LLMShape) -> VisionShape | N
     vision = data.get("vision_config")
     if not isinstance(vision, Mapping):
         return None
-    vtype = str(vision.get("model_type", ""))
-    if model_type in ("qwen2_vl",) or vtype == "qwen2_vl_vision" or "embed_dim" in vision and "depth" in vision:
-        width = int(vision.get("embed_dim", 1280))
-        return VisionShape(
-            kind="qwen2_vl", hidden_size=width, intermediate_size=int(width * vision.get("mlp_ratio", 4)),
-            num_layers=int(vision.get("depth", 32)), patch_size=int(vision.get("patch_size", 14)),
-            num_channels=int(_pick(vision, names=("in_channels", "in_chans"), default=3)),
-            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-            projector_hidden=int(vision.get("hidden_size") or llm.hidden_size),
-        )
-    if model_type == "qwen2_5_vl" or vtype == "qwen2_5_vl":
-        return VisionShape(
-            kind="qwen2_5_vl", hidden_size=int(vision.get("hidden_size", 1280)),
-            intermediate_size=int(vision.get("intermediate_size", 3420)),
-            num_layers=int(vision.get("depth", 32)), patch_size=int(vision.get("patch_size", 14)),
-            num_channels=int(_pick(vision, names=("in_channels", "in_chans"), default=3)),
-            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-            projector_hidden=int(vision.get("out_hidden_size") or llm.hidden_size),
-        )
-    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "image_size")
-    if any(vision.get(n) is None for n in needed):
-        return None
-    return VisionShape(
-        kind="clip" if "clip" in vtype else "siglip",
-        hidden_size=int(vision["hidden_size"]), intermediate_size=int(vision["intermediate_size"]),
-        num_layers=int(vision["num_hidden_layers"]), patch_size=int(vision["patch_size"]),
-        image_size=int(vision["image_size"]), num_channels=int(vision.get("num_channels", 3)),
-        projector_hidden=llm.hidden_size,
-        # LLaVA-NeXT-Video pools frames before its projector; the others project every patch
-        projector_on_patches=model_type != "llava_next_video",
-    )
+    return (family_for_model_type(model_type) or Family()).vision_shape(vision, llm)
 
 
 def load_model(model: Any) -> ModelSpec:

@@ -12,34 +12,28 @@ from .. import compat
 from ..config import AIMConfig
 from ..stats import AIMStats
 from ..context import call_options
-from .base import Controller, Family, as_config, multimodal_of
-from .llava import LlavaFamily
-from .llava_next import LlavaNextFamily
-from .llava_next_video import LlavaNextVideoFamily
-from .llava_onevision import LlavaOnevisionFamily
-from .qwen2_vl import Qwen2VLFamily
+from ..families import Family, all_families, family_for_model_type
+from .base import Controller, as_config, multimodal_of
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: tuple[Family, ...] = (
-    LlavaFamily(),
-    LlavaNextFamily(),
-    LlavaNextVideoFamily(),
-    LlavaOnevisionFamily(),
-    Qwen2VLFamily(),
-)
-REGISTRY: dict[str, Family] = {name: family for family in FAMILIES for name in family.class_names}
-SUPPORTED_MODELS: tuple[str, ...] = tuple(REGISTRY)
+
+def supported_models() -> tuple[str, ...]:
+    """The transformers classes aim patches (``*ForConditionalGeneration`` and their ``*Model``)."""
+    return tuple(name for family in all_families() for name in family.class_names)
+
+
+SUPPORTED_MODELS: tuple[str, ...] = supported_models()
 
 
 def family_for(model: torch.nn.Module) -> Family:
-    """The family of a model instance, or a clear error listing what is supported."""
+    """The family of a model instance (by its config's ``model_type``), or a clear error listing
+    what is supported."""
     name = type(model).__name__
-    if name not in REGISTRY:
-        raise TypeError(
-            f"AIM does not support {name}. Supported transformers classes: {', '.join(SUPPORTED_MODELS)}"
-        )
-    return REGISTRY[name]
+    family = family_for_model_type(getattr(getattr(model, "config", None), "model_type", ""))
+    if family is None or name not in family.class_names:
+        raise TypeError(f"AIM does not support {name}. Supported transformers classes: {', '.join(supported_models())}")
+    return family
 
 
 def apply_aim(model: torch.nn.Module, config: AIMConfig | Mapping | None = None, **overrides) -> torch.nn.Module:

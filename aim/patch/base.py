@@ -1,7 +1,7 @@
-"""Shared patching machinery: the per-model controller and the family description.
+"""Shared patching machinery: the per-model controller and the patched callables.
 
-A family module (``aim/patch/<family>.py``) only says how its visual features split
-into merge groups (frames / crops). Everything else is here: wrapping the multimodal
+A family (``aim/families/<model_type>.py``) says how its visual features split into merge
+groups (frames / crops) and how its positions are read. Everything else is here: wrapping the multimodal
 model's forward and feature functions to learn where the visual tokens are, and
 installing `AIMTextForward` on the text decoder. Every change is an instance attribute
 recorded in `Controller.saved`, so `remove` restores the model exactly.
@@ -29,6 +29,7 @@ import torch
 from ..config import AIMConfig
 from ..context import CallState, CaptureHook, call_options, current_call, options_for, running
 from ..engine import AIMTextForward
+from ..families import Family
 from ..layout import VisualLayout, build_layout, flatten_item_groups
 from ..stats import AIMStats
 
@@ -54,25 +55,6 @@ class _Missing:
 
 
 _MISSING = _Missing()
-
-
-class Family:
-    """How one model family lays out its visual features.
-
-    Subclasses set `class_names` (the ``*ForConditionalGeneration`` and ``*Model`` classes)
-    and implement `image_groups` / `video_groups`: given the multimodal model, the
-    ``pooler_output`` of its feature function (one item per image / video) and that call's
-    bound arguments, return for each item its merge groups as index tensors relative to
-    the item's first feature.
-    """
-
-    class_names: tuple[str, ...] = ()
-
-    def image_groups(self, model: torch.nn.Module, features: Any, call: inspect.BoundArguments) -> ItemGroups:
-        raise NotImplementedError
-
-    def video_groups(self, model: torch.nn.Module, features: Any, call: inspect.BoundArguments) -> ItemGroups:
-        raise NotImplementedError
 
 
 def as_config(config: AIMConfig | Mapping | None) -> AIMConfig | None:

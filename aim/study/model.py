@@ -64,15 +64,13 @@ def build_model(
     MLP 2x hidden, vocabulary of ``aim.tiny.VOCAB_SIZE``) with the SigLIP tower widened to
     ``vision_hidden`` (MLP 2x) and ``vision_layers`` deep.
     """
-    config = tiny._build_config("llava_onevision", num_layers, hidden_size, image_size)
-    for name, value in tiny._TOKEN_IDS.items():
-        setattr(config, name, value)
+    config = tiny.build_config("llava_onevision", num_layers, hidden_size, image_size)
     vision = config.vision_config
     vision.hidden_size, vision.intermediate_size = vision_hidden, 2 * vision_hidden
     vision.num_hidden_layers, vision.num_attention_heads = vision_layers, max(1, vision_hidden // 32)
     torch.manual_seed(seed)
     model = tf.LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    model.generation_config.update(pad_token_id=tiny.PAD_ID, bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID)
+    model.generation_config.update(**tiny.TOKEN_IDS)
     model.eval()
     logger.info("built study model: %d parameters", sum(p.numel() for p in model.parameters()))
     return model

@@ -1,0 +1,61 @@
+"""Token counts of merging and pooling: pure arithmetic, shared by the engine and the FLOPs model
+(no torch import, so ``aim flops`` runs without it)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .config import visual_tokens_kept
+
+
+def merge_counts(num_tokens: int, schedule: Sequence[float]) -> list[int]:
+    """Tokens merged away at each step for a group of `num_tokens` (shared with the FLOPs model)."""
+    counts, current = [], num_tokens
+    for keep in schedule:
+        target = max(1, visual_tokens_kept(num_tokens, keep))
+        # rounding can ask for a hair more than half; a step never removes more than set A holds
+        num_merge = max(0, min(current - target, (current + 1) // 2 if current > 1 else 0))
+        counts.append(num_merge)
+        current -= num_merge
+    return counts
+
+
+def merged_token_count(num_tokens: int, schedule: Sequence[float]) -> int:
+    """Tokens left of a group of `num_tokens` after merging down `schedule`."""
+    return num_tokens - sum(merge_counts(num_tokens, schedule))
+
+
+def grid_side(num_tokens: int) -> int:
+    """Side of the square grid of `num_tokens` tokens; a clear error if they form none."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"uniform pooling needs square per-frame token grids, got a group of {num_tokens} tokens "
+            "(use merge_method='bipartite' or 'random' for this input)"
+        )
+    return side
+
+
+def group_size_after_merge(num_tokens: int, schedule: Sequence[float], method: str = "bipartite") -> int:
+    """Tokens a frame / crop of `num_tokens` keeps before the LLM (shared by engine and FLOPs model)."""
+    if not schedule or num_tokens < 2:
+        return num_tokens
+    if method == "bipartite":
+        return merged_token_count(num_tokens, schedule)
+    if method == "random":
+        return max(1, visual_tokens_kept(num_tokens, schedule[-1]))
+    if method == "pool":
+        rows, cols = pooled_shape(num_tokens, schedule[-1])
+        return rows * cols
+    raise ValueError(f"unknown merge method {method!r}")
+
+
+def pooled_shape(num_tokens: int, keep: float) -> tuple[int, int]:
+    """Output grid ``(rows, cols)`` of uniform pooling: the grid whose size is closest to `keep`
+    of the tokens (square where possible, else one side longer)."""
+    side = grid_side(num_tokens)
+    target = max(1.0, num_tokens * keep)
+    rows = min(side, max(1, math.floor(math.sqrt(target) + 0.5)))
+    cols = min(side, max(1, math.floor(target / rows + 0.5)))
+    return rows, cols
