@@ -171,7 +171,7 @@ class ModelSpec:
 def _read(config: Any) -> dict:
     """A plain dict from a config object, a dict, a config.json path / folder, or a built-in name."""
     if isinstance(config, Mapping):
-        return _normalise(dict(config))
+        return _complete(dict(config))
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
         return to_dict()
@@ -194,11 +194,26 @@ def _read(config: Any) -> dict:
             raise ValueError(f"cannot read model config {path}: {error}") from error
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a JSON object")
-        return _normalise(data)
+        return _complete(data)
     raise ValueError(
         f"cannot read a model config from {type(config).__name__}; give a built-in name "
         f"({', '.join(builtin_models())}), a config.json path, a dict or a transformers config"
     )
+
+
+_LLM_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+_VISION_FIELDS = ("hidden_size", "intermediate_size", "patch_size")
+
+
+def _complete(data: dict) -> dict:
+    """`data`, with transformers filling the defaults it leaves out only where the FLOPs model needs
+    one (LLaVA-1.5's hub config omits Llama's): a complete config, such as every built-in one, is
+    read without importing transformers (or torch)."""
+    text = data.get("text_config") if isinstance(data.get("text_config"), Mapping) else {}
+    vision = data.get("vision_config")
+    llm_complete = all(text.get(n) is not None or data.get(n) is not None for n in _LLM_FIELDS)
+    vision_complete = not isinstance(vision, Mapping) or all(vision.get(n) is not None for n in _VISION_FIELDS)
+    return data if llm_complete and vision_complete else _normalise(data)
 
 
 def _normalise(data: dict) -> dict:
