@@ -27,13 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     flops = add_flops_parser(commands)
 
+    models = commands.add_parser("models", help="the supported transformers classes, their family and its file")
+
     vis = commands.add_parser("visualize", help="draw which visual tokens AIM keeps on a test clip (PNG)")
     vis.add_argument("--out", default="aim_kept_tokens.png", help="PNG to write (default %(default)s)")
     vis.add_argument("--index", type=int, default=0, help="test clip index (default 0)")
     vis.add_argument("--kind", default="motion_direction", choices=VIDEO_KINDS, help="question kind of the clip (default %(default)s)")
     vis.add_argument("--stages", type=int, default=6, help="at most this many rows: input, merged, pruning layers")
     _add_aim_options(vis)
-    for command in (demo, flops, vis):
+    for command in (demo, flops, vis, models):
         command.set_defaults(_command_parser=command)
     return parser
 
@@ -80,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def models_table() -> str:
+    """One row per supported class: class, family (config.model_type), video, the family's file."""
+    from .families import all_families
+
+    rows = [(name, f.model_type, "yes" if f.supports_video else "no", f.module)
+            for f in all_families() for name in f.class_names]
+    head = ("class", "family (model_type)", "video", "file")
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (head, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _run(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
     if args.command == "demo":
         from .demo import run_demo
@@ -97,6 +112,9 @@ def _run(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
         return 0
     if args.command == "flops":
         return run_flops(args)
+    if args.command == "models":
+        print(models_table())
+        return 0
     command.error(f"unknown command {args.command!r}")
     return 2
 

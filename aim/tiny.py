@@ -17,7 +17,6 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import transformers as tf
 from transformers import PreTrainedModel
 
 from .families import Family, all_families, family_for_model_type
@@ -98,7 +97,7 @@ def build_tiny_model(
     """
     config = build_config(family, num_layers, hidden_size, image_size)
     torch.manual_seed(seed)
-    cls = getattr(tf, _family(family).class_names[0])
+    cls = _family(family).model_class()
     model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     model.generation_config.update(**TOKEN_IDS)
     model.eval()

@@ -50,6 +50,7 @@ CHECKS = [
     Check("aim demo", "aim demo --questions 8 --repeats 1"),
     Check("aim demo --no-prune", "aim demo --no-prune --questions 8 --repeats 1"),
     Check("aim flops"),
+    Check("aim models"),
     Check("aim visualize", "aim visualize --out {tmp}/aim_kept_tokens.png", needs="plot", says_extra=True),
     Check("python benchmarks/prefill.py", "python benchmarks/prefill.py --quick"),
     Check("python benchmarks/accuracy_vs_flops.py", "python benchmarks/accuracy_vs_flops.py --quick"),
@@ -96,7 +97,7 @@ CHECKS = [
 ]
 
 
-INLINE = re.compile(r"`((?:aim (?:demo|flops|visualize)|python (?:benchmarks/|-m aim\.))[^`]*)`")
+INLINE = re.compile(r"`((?:aim (?:demo|flops|visualize|models)|python (?:benchmarks/|-m aim\.))[^`]*)`")
 
 
 def readme_commands(text: str) -> list[str]:

@@ -83,6 +83,12 @@ class Family:
     tiny_token_types: bool = False  # the model takes mm_token_type_ids
     tiny_anyres: bool = False  # images take image_sizes (any-resolution tiles)
 
+    def model_class(self):
+        """The ``*ForConditionalGeneration`` class (default: transformers' class of that name)."""
+        import transformers
+
+        return getattr(transformers, self.class_names[0])
+
     def tiny_config(self, text: dict, image_size: int | None):
         """A transformers config of this family with the decoder settings `text`."""
         raise NotImplementedError
