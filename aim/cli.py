@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 
+from .cli_options import add_aim_options, aim_overrides
 from .flops_cli import add_flops_parser, run_flops
 from .optional import MissingDependency, require
 from .study.data import NUM_FRAMES, VIDEO_KINDS
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=int, default=NUM_FRAMES, help="video frames (default %(default)s)")
     demo.add_argument("--repeats", type=int, default=3, help="timed prefill repetitions, median reported")
     demo.add_argument("--questions", type=int, default=40, help="test questions for the accuracy (default 40)")
-    _add_aim_options(demo)
+    add_aim_options(demo)
     demo.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
     demo.add_argument("--json", action="store_true", help="print the figures as JSON")
 
@@ -34,26 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--index", type=int, default=0, help="test clip index (default 0)")
     vis.add_argument("--kind", default="motion_direction", choices=VIDEO_KINDS, help="question kind of the clip (default %(default)s)")
     vis.add_argument("--stages", type=int, default=6, help="at most this many rows: input, merged, pruning layers")
-    _add_aim_options(vis)
+    add_aim_options(vis)
     for command in (demo, flops, vis, models):
         command.set_defaults(_command_parser=command)
     return parser
-
-
-def _add_aim_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--merge-keep", type=float, default=None, help="fraction of each frame's tokens merging keeps")
-    parser.add_argument("--prune-start", type=int, default=None, help="first layer with fewer visual tokens")
-    parser.add_argument("--prune-step", type=float, default=None, help="fraction of visual tokens dropped per layer")
-    parser.add_argument("--no-prune", action="store_true", help="merge only: no pruning inside the LLM")
-
-
-def _aim_overrides(args: argparse.Namespace) -> dict:
-    """The AIM options given on the command line (the others keep AIMConfig's defaults)."""
-    given = {"merge_keep": args.merge_keep, "prune_start": args.prune_start, "prune_step": args.prune_step}
-    overrides = {k: v for k, v in given.items() if v is not None}
-    if args.no_prune:
-        overrides["prune"] = False
-    return overrides
 
 
 # the Python names in library error messages, as the options the user typed
@@ -100,14 +85,14 @@ def _run(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
         from .demo import run_demo
 
         return run_demo(frames=args.frames, repeats=args.repeats, questions=args.questions,
-                        attn_implementation=args.attn, as_json=args.json, **_aim_overrides(args))
+                        attn_implementation=args.attn, as_json=args.json, **aim_overrides(args))
     if args.command == "visualize":
         from .visualize import visualize_study_clip
 
         if args.stages < 3:
             command.error(f"--stages must be at least 3 (input, merged, one pruning layer), got {args.stages}")
         require("matplotlib.pyplot", "this command")  # before the model runs
-        out, answer = visualize_study_clip(args.out, args.index, args.kind, args.stages, **_aim_overrides(args))
+        out, answer = visualize_study_clip(args.out, args.index, args.kind, args.stages, **aim_overrides(args))
         print(f"{out}: {answer['question']} -> {answer['predicted']} (truth: {answer['answer']})")
         return 0
     if args.command == "flops":

@@ -16,7 +16,6 @@ full prompt would end, whatever was removed.
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
 import torch
 from einops import rearrange
@@ -32,8 +31,6 @@ from .prune import pagerank_importance, select_tokens
 from .stats import AIMStats
 from .context import capture_request, current_call
 from .tokens import CacheState, TokenSet, aim_state_of, as_aim_cache, attention_mask_4d
-
-logger = logging.getLogger(__name__)
 
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
 _DROPPED_KWARGS = ("return_dict", "output_attentions", "output_hidden_states", "cache_position")

@@ -15,6 +15,7 @@ import json
 import sys
 
 from . import flops as F
+from .cli_options import add_aim_options, aim_config
 from .config import AIMConfig
 from .optional import MissingDependency, require
 
@@ -28,8 +29,7 @@ def add_flops_parser(subparsers) -> argparse.ArgumentParser:
         "flops",
         help="analytic prefill FLOPs / KV-cache memory, baseline vs AIM",
         description=(
-            "Analytic prefill FLOPs of the LLM decoder layers (2 x MACs of q/k/v/o, gated MLP, QK^T and AV "
-            "over the full n x n; no vision tower, no LM head), KV-cache bytes and decode FLOPs per token, "
+            f"{F.CONVENTION[0].upper()}{F.CONVENTION[1:]}; KV-cache bytes and decode FLOPs per token, "
             "baseline vs AIM. The vision tower is estimated separately."
         ),
     )
@@ -43,12 +43,7 @@ def add_flops_parser(subparsers) -> argparse.ArgumentParser:
                         "LLaVA-OneVision; Qwen-VL: per temporal slice of 2 frames)")
     p.add_argument("--tokens-per-image", type=int, default=None, help="visual tokens per image / crop")
     p.add_argument("--text-tokens", type=int, default=100, help="text tokens, never pruned (default %(default)s)")
-    p.add_argument("--merge-keep", type=float, default=None, help="fraction of each frame's tokens merging keeps (default 0.25)")
-    p.add_argument("--prune-start", type=int, default=None, help="first layer with fewer visual tokens (default: half depth)")
-    p.add_argument("--prune-step", type=float, default=None,
-                   help="fraction of the LLM's visual tokens dropped per layer (default: none left at 3/4 depth)")
-    p.add_argument("--no-merge", action="store_true", help="AIM without merging (pruning only)")
-    p.add_argument("--no-prune", action="store_true", help="AIM without pruning (merging only)")
+    add_aim_options(p)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(F.DTYPE_BYTES), help="KV-cache dtype (default %(default)s)")
     p.add_argument("--attention", default="full", choices=["full", "causal"],
                    help="count QK^T/AV over every query-key pair (full: the paper's convention, default) or only "
@@ -58,26 +53,6 @@ def add_flops_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="sweep merge keep ratios x pruning spans: FLOPs / KV frontier")
     p.set_defaults(_flops_parser=p)
     return p
-
-
-def _aim_config(args) -> AIMConfig:
-    overrides = {}
-    if args.no_merge:
-        if args.merge_keep is not None:
-            raise ValueError("--no-merge and --merge-keep contradict each other")
-        overrides["merge_schedule"] = ()
-    elif args.merge_keep is not None:
-        overrides["merge_keep"] = args.merge_keep
-    if args.no_prune:
-        if args.prune_start is not None or args.prune_step is not None:
-            raise ValueError("--no-prune and --prune-start / --prune-step contradict each other")
-        overrides["prune"] = False
-    else:
-        if args.prune_start is not None:
-            overrides["prune_start"] = args.prune_start
-        if args.prune_step is not None:
-            overrides["prune_step"] = args.prune_step
-    return AIMConfig(**overrides)
 
 
 def _inputs(args, spec: F.ModelSpec) -> F.InputSpec:
@@ -227,7 +202,7 @@ def run_flops(args) -> int:
 def _run(args) -> int:
     spec = F.load_model(args.model)
     inputs = _inputs(args, spec)
-    config = _aim_config(args)
+    config = aim_config(args)
     comparison = F.compare(spec, inputs, config, args.dtype, args.attention)
     points = F.sweep(spec, inputs, dtype=args.dtype, attention=args.attention) if args.sweep else None
     if args.plot:

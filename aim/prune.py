@@ -1,6 +1,6 @@
 """PageRank importance over a layer's attention, and the choice of visual tokens to keep.
 
-Importance (DESIGN.md section 1): per head ``M = softmax(q k^T / sqrt(d) / tau)``
+Importance (AIM, arXiv 2412.03248): per head ``M = softmax(q k^T / sqrt(d) / tau)``
 with a causal mask, ``s = 1/N``, five times ``s = s @ M``, heads combined by RMS.
 Only valid tokens take part: padding and already-removed tokens are masked as
 keys and start with zero mass, so a padded batch scores each prompt as if alone.

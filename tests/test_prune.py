@@ -1,4 +1,4 @@
-"""PageRank importance against a direct dense implementation of DESIGN.md's formula."""
+"""PageRank importance against a direct dense implementation of the formula in `aim.prune`'s docstring."""
 
 import numpy as np
 import pytest

@@ -1,9 +1,9 @@
 """Analytic prefill / decode FLOPs and KV-cache memory of a model under an AIM configuration.
 
-Counting convention (DESIGN.md section 1, the one that reproduces the paper's 99.63 -> 14.76
-TFLOPs for LLaVA-OneVision-7B): FLOPs = 2 x multiply-accumulates of the LLM decoder layers
-only: q/k/v/o projections, the gated MLP (gate, up, down), and QK^T and AV over the full
-``n x n`` (no causal halving). Not counted: norms, RoPE, softmax, residual adds, biases, the
+Counting convention (`CONVENTION`, the one that reproduces the paper's 99.63 -> 14.76 TFLOPs for
+LLaVA-OneVision-7B): FLOPs = 2 x multiply-accumulates of the LLM decoder layers only: q/k/v/o
+projections, the gated MLP (gate, up, down), and QK^T and AV over the full ``n x n`` (no causal
+halving). Not counted: norms, RoPE, softmax, residual adds, biases, the
 embedding and LM head, and AIM's own work (merging before the LLM, PageRank importance at
 pruning layers). The vision tower (and projector) is estimated separately and is the same
 with and without AIM (merging happens after it). ``attention="causal"`` counts only the
@@ -36,9 +36,10 @@ from .cost import (
     visual_tokens_per_layer,
 )
 from .inputs import InputSpec, image_input, video_input
-from .model_spec import MODEL_CONFIG_DIR, ModelSpec, builtin_models, load_model
+from .model_spec import CONVENTION, MODEL_CONFIG_DIR, ModelSpec, builtin_models, load_model
 
 __all__ = [
+    "CONVENTION",
     "DTYPE_BYTES", "MODEL_CONFIG_DIR", "TERA", "Comparison", "CostReport", "InputSpec", "LayerCost", "ModelSpec", "SweepPoint",
     "builtin_models", "compare", "estimate", "image_input", "load_model", "prefill_flops", "sweep", "video_input", "vision_flops",
     "visual_tokens_per_layer",

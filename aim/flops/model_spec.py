@@ -18,6 +18,11 @@ from typing import Any, Mapping
 from ..families import Family, family_for_model_type
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+# the paper's convention, stated once (the report, the CLI and the lmms-eval cost summary quote it)
+CONVENTION = (
+    "analytic prefill FLOPs = 2 x multiply-accumulates of the LLM decoder layers (q/k/v/o projections, "
+    "gated MLP, QK^T and AV over the full n x n); no vision tower, no LM head"
+)
 
 
 

@@ -19,7 +19,6 @@ placeholders with ``masked_scatter``.
 from __future__ import annotations
 
 import inspect
-import logging
 import threading
 import weakref
 from typing import Any, Callable, Mapping
@@ -32,8 +31,6 @@ from ..engine import AIMTextForward
 from ..families import Family
 from ..layout import VisualLayout, build_layout, flatten_item_groups
 from ..stats import AIMStats
-
-logger = logging.getLogger(__name__)
 
 ItemGroups = list[list[torch.Tensor]]
 

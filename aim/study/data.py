@@ -55,7 +55,6 @@ ANSWERS: dict[str, tuple[str, ...]] = {
 }
 KINDS = tuple(ANSWERS)
 VIDEO_KINDS = ("motion_colour", "motion_direction", "motion_shape", "count", "event_time")
-IMAGE_KINDS = ("image_colour", "image_shape", "image_position")
 #: every answer word, in a fixed order (the closed answer vocabulary of the study)
 ANSWER_WORDS: tuple[str, ...] = tuple(dict.fromkeys(w for kind in KINDS for w in ANSWERS[kind]))
 #: words of the questions

@@ -213,10 +213,6 @@ class AIMModelMixin:
                 cost.failures.extend(failures)
         self._aim_synced = (len(cost.samples), len(cost.failures))
 
-    def aim_cost_summary(self) -> dict:
-        """The cost summary so far (see `CostTracker.summary`)."""
-        return self._aim_cost.summary()
-
 
 # -- end of run -------------------------------------------------------------------------------
 

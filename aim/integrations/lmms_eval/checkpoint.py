@@ -11,7 +11,6 @@ of a random-weight model are noise: this checkpoint is for cost and plumbing, no
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from aim import tiny
@@ -146,8 +145,3 @@ def build_checkpoint(
     model.save_pretrained(outdir)
     processor.save_pretrained(outdir)
     return outdir
-
-
-def words(text: str) -> list[str]:
-    """How the tiny tokenizer splits text (for tests)."""
-    return re.findall(r"\w+|[^\w\s]", text)

@@ -1,9 +1,8 @@
 """Per-sample cost of an lmms-eval run: visual tokens before / after merging, tokens per LLM layer
 and analytic prefill FLOPs, with a summary (means, ratios to the unchanged model, per task).
 
-FLOPs follow aim.flops' convention (2 x multiply-accumulates of the LLM decoder layers: q/k/v/o
-projections, gated MLP, QK^T and AV over the full n x n; no vision tower, no LM head), applied to
-the token counts each layer really processed (``aim.last_stats``). The baseline figure is the same
+FLOPs follow aim.flops' convention (``aim.flops.CONVENTION``), applied to the token counts each
+layer really processed (``aim.last_stats``). The baseline figure is the same
 formula over the prompt's full length at every layer: what the unchanged model computes for the
 same prompt. Without ``aim.flops`` only token counts are recorded (``prefill_flops: null``).
 
@@ -20,10 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 TERA = 1e12
-FLOPS_CONVENTION = (
-    "analytic prefill FLOPs = 2 x MACs of the LLM decoder layers (q/k/v/o projections, gated MLP, "
-    "QK^T and AV over the full n x n) at the token counts each layer processed; no vision tower, no LM head"
-)
+FLOPS_CONVENTION = "at the token counts each layer processed: "  # + aim.flops.CONVENTION
+
+
+def _convention() -> str:
+    from aim.flops import CONVENTION
+
+    return CONVENTION
 
 
 @dataclass
@@ -160,7 +162,7 @@ class CostTracker:
             "failed_generations": len(self.failures),
             "failures": self.failures[:5],
             "per_task": {task: self._aggregate(samples) for task, samples in sorted(tasks.items())},
-            "flops_convention": FLOPS_CONVENTION if self.counter is not None else None,
+            "flops_convention": FLOPS_CONVENTION + _convention() if self.counter is not None else None,
             "flops_note": self.flops_note,
             "ratios": "baseline / this run, for the same prompts (the baseline is the unchanged model: "
                       "every prompt token at every layer); > 1 means this run is cheaper",

@@ -1,0 +1,44 @@
+"""The AIM options every ``aim`` subcommand takes, defined once (demo, visualize, flops)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import AIMConfig
+
+
+def add_aim_options(parser: argparse.ArgumentParser) -> None:
+    """``--merge-keep``, ``--prune-start``, ``--prune-step``, ``--no-merge``, ``--no-prune``."""
+    parser.add_argument("--merge-keep", type=float, default=None,
+                        help="fraction of each frame's tokens merging keeps (default 0.25)")
+    parser.add_argument("--prune-start", type=int, default=None,
+                        help="first layer with fewer visual tokens (default: half depth); alone, the visual "
+                             "tokens then fall in equal steps to none at three quarters of depth")
+    parser.add_argument("--prune-step", type=float, default=None,
+                        help="fraction of the LLM's visual tokens dropped per layer from --prune-start on "
+                             "(default: none left at three quarters of depth)")
+    parser.add_argument("--no-merge", action="store_true", help="no merging before the LLM (pruning only)")
+    parser.add_argument("--no-prune", action="store_true", help="no pruning inside the LLM (merging only)")
+
+
+def aim_overrides(args: argparse.Namespace) -> dict:
+    """The `AIMConfig` fields the options set (the others keep their defaults); contradictions are errors."""
+    overrides: dict = {}
+    if args.no_merge:
+        if args.merge_keep is not None:
+            raise ValueError("--no-merge and --merge-keep contradict each other")
+        overrides["merge_schedule"] = ()
+    elif args.merge_keep is not None:
+        overrides["merge_keep"] = args.merge_keep
+    if args.no_prune:
+        if args.prune_start is not None or args.prune_step is not None:
+            raise ValueError("--no-prune and --prune-start / --prune-step contradict each other")
+        overrides["prune"] = False
+    else:
+        overrides.update({k: v for k, v in (("prune_start", args.prune_start), ("prune_step", args.prune_step))
+                          if v is not None})
+    return overrides
+
+
+def aim_config(args: argparse.Namespace) -> AIMConfig:
+    return AIMConfig(**aim_overrides(args))
