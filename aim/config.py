@@ -54,6 +54,10 @@ class AIMConfig:
             (``merge_keep=0.25`` gives ``(0.5, 0.25)``). Overrides `merge_schedule`.
         prune_start: first layer that sees fewer visual tokens (chosen from the
             importance at layer ``prune_start - 1``). Default: half the depth.
+            Given alone, the step still ends at three quarters of depth: on 28 layers
+            ``prune_start=15`` gives steps of 1/7 (none left from layer 21); give
+            ``prune_step`` too to fix the step (``prune_start=15, prune_step=0.125`` is the
+            official code's schedule, one layer later than the paper's table).
         prune_step: fraction of the LLM's visual tokens removed at each layer from
             `prune_start` on. Default: ``1 / (end - start + 1)`` with end at three
             quarters of depth (the paper's 12.5% for 28 layers).

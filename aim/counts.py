@@ -14,8 +14,9 @@ def merge_counts(num_tokens: int, schedule: Sequence[float]) -> list[int]:
     counts, current = [], num_tokens
     for keep in schedule:
         target = max(1, visual_tokens_kept(num_tokens, keep))
-        # rounding can ask for a hair more than half; a step never removes more than set A holds
-        num_merge = max(0, min(current - target, (current + 1) // 2 if current > 1 else 0))
+        # rounding can ask for a hair more than half; a step never removes more than half of the
+        # tokens present (floor, as the official AIM code caps r), so e.g. 35 tokens go 35 -> 18 -> 9
+        num_merge = max(0, min(current - target, current // 2))
         counts.append(num_merge)
         current -= num_merge
     return counts

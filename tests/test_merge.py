@@ -45,3 +45,15 @@ def test_best_match_matches_brute_force():
             sims = torch.nn.functional.cosine_similarity(a[g, i][None], b[g], dim=-1)
             assert int(index[g, i]) == int(sims.argmax())
             torch.testing.assert_close(score[g, i], sims.max())
+
+
+def test_merge_counts_never_remove_more_than_half_per_step():
+    # the official AIM code caps each step at floor(t / 2) of the t tokens present
+    assert merge_counts(35, (0.5, 0.25)) == [17, 9] and merged_token_count(35, (0.5, 0.25)) == 9
+    for n in range(1, 300):
+        for schedule in ((0.5, 0.25), (0.5, 0.3), (0.6,), (0.5, 0.25, 0.125, 0.1)):
+            current = n
+            for removed in merge_counts(n, schedule):
+                assert 0 <= removed <= current // 2
+                current -= removed
+            assert current == merged_token_count(n, schedule) >= 1

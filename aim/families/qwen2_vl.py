@@ -50,15 +50,20 @@ class Qwen2VLFamily(Family):
     def vision_shape(self, vision, llm):
         from ..flops.model_spec import VisionShape
 
-        width = int(vision.get("embed_dim", 1280))
+        width, mlp, out = self._vision_widths(vision)
         return VisionShape(
-            kind="qwen2_vl", hidden_size=width, intermediate_size=int(width * vision.get("mlp_ratio", 4)),
-            num_layers=int(vision.get("depth", 32)), patch_size=int(vision.get("patch_size", 14)),
+            kind=self.model_type, hidden_size=width, intermediate_size=mlp, num_layers=int(vision.get("depth", 32)),
+            patch_size=int(vision.get("patch_size", 14)),
             num_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
             temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
             spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-            projector_hidden=int(vision.get("hidden_size") or llm.hidden_size),
+            projector_hidden=int(out or llm.hidden_size),
         )
+
+    def _vision_widths(self, vision) -> tuple[int, int, int | None]:
+        """(ViT width, ViT MLP width, merger output): Qwen2-VL calls its ViT width ``embed_dim``."""
+        width = int(vision.get("embed_dim", 1280))
+        return width, int(width * vision.get("mlp_ratio", 4)), vision.get("hidden_size")
 
     def _tiny_vision(self, hidden_size: int) -> dict:
         # Qwen2-VL: ``embed_dim`` is the ViT width, ``hidden_size`` the merger output (= text hidden).
@@ -99,18 +104,8 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
     model_type = "qwen2_5_vl"
     class_names = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
 
-    def vision_shape(self, vision, llm):
-        from ..flops.model_spec import VisionShape
-
-        return VisionShape(
-            kind="qwen2_5_vl", hidden_size=int(vision.get("hidden_size", 1280)),
-            intermediate_size=int(vision.get("intermediate_size", 3420)),
-            num_layers=int(vision.get("depth", 32)), patch_size=int(vision.get("patch_size", 14)),
-            num_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
-            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-            projector_hidden=int(vision.get("out_hidden_size") or llm.hidden_size),
-        )
+    def _vision_widths(self, vision) -> tuple[int, int, int | None]:
+        return int(vision.get("hidden_size", 1280)), int(vision.get("intermediate_size", 3420)), vision.get("out_hidden_size")
 
     def _tiny_vision(self, hidden_size: int) -> dict:
         # Qwen2.5-VL: ``hidden_size`` is the ViT width, ``out_hidden_size`` the merger output. A window of
