@@ -197,17 +197,10 @@ class AIMTextForward:
             state.seen_tokens, state.layer_valid = past_len + length, new_layer_valid
             cache = as_aim_cache(cache, state)
         if layout is not None or not continues_aim_cache:
-            _publish(controller, call, AIMStats(
-                input_tokens=chunk_valid.sum(1).tolist(),
-                visual_tokens_before_merge=visual_before.tolist(),
-                visual_tokens_after_merge=visual_counts,
-                tokens_per_layer=[row[0] for row in stats_rows],
-                visual_tokens_per_layer=[row[1] for row in stats_rows],
-                sequence_length_per_layer=[row[2] for row in stats_rows],
-                kv_cache_entries_per_layer=_cache_entries(cache) if use_cache else None,
-                mode=config.prune_mode,
-                kept_visual_positions=kept_positions,
-                visual_groups=_group_positions(layout) if kept_positions is not None else None,
+            _publish(controller, call, _stats(
+                chunk_valid.sum(1).tolist(), visual_before.tolist(), visual_counts, stats_rows,
+                cache if use_cache else None, config.prune_mode, kept_positions,
+                _group_positions(layout) if kept_positions is not None else None,
             ))
         return compat.model_output(hidden, cache if use_cache else None)
 
@@ -327,14 +320,20 @@ def _unchanged_stats(layout: VisualLayout, attention_mask, output, num_layers: i
     valid = attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool)
     visual = (layout.visual.to(valid.device) & valid).sum(1).tolist()
     tokens = valid.sum(1).tolist()
-    cache = compat.output_cache(output)
+    return _stats(tokens, visual, visual, [(tokens, visual, length)] * num_layers, compat.output_cache(output), "off")
+
+
+def _stats(input_tokens, visual_before, visual_after, rows, cache, mode, kept=None, groups=None) -> AIMStats:
+    """The stats of one prefill; `rows` are ``(tokens, visual tokens, sequence length)`` per layer."""
     return AIMStats(
-        input_tokens=tokens,
-        visual_tokens_before_merge=visual,
-        visual_tokens_after_merge=visual,
-        tokens_per_layer=[tokens] * num_layers,
-        visual_tokens_per_layer=[visual] * num_layers,
-        sequence_length_per_layer=[length] * num_layers,
+        input_tokens=input_tokens,
+        visual_tokens_before_merge=visual_before,
+        visual_tokens_after_merge=visual_after,
+        tokens_per_layer=[row[0] for row in rows],
+        visual_tokens_per_layer=[row[1] for row in rows],
+        sequence_length_per_layer=[row[2] for row in rows],
         kv_cache_entries_per_layer=_cache_entries(cache) if cache is not None else None,
-        mode="off",
+        mode=mode,
+        kept_visual_positions=kept,
+        visual_groups=groups,
     )

@@ -109,11 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     examples = data.dataset(args.split, args.n)
     results = {"baseline": evaluate(model, processor, examples, args.batch_size, progress=True)}
     if args.aim:
-        from aim import apply_aim
+        from aim import AIMConfig, apply_aim
 
-        apply_aim(model)
+        config = AIMConfig()
+        apply_aim(model, config)
         results["aim"] = evaluate(model, processor, examples, args.batch_size, progress=True)
-        results["aim_config"] = repr(model._aim.config)
+        results["aim_config"] = repr(config)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

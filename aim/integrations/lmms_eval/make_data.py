@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ...optional import MissingDependency, install_hint
+from ...study.data import shape_masks
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 TASK_FILES = ("aim_synth_video.yaml", "aim_synth_image.yaml", "aim_synth.yaml")
@@ -53,19 +54,9 @@ BACKGROUND = (20, 20, 20)
 
 
 def _draw(canvas: np.ndarray, shape: str, cx: float, cy: float, half: int, colour: tuple[int, int, int]) -> None:
-    """Draw a filled shape centred at (cx, cy) with half-size `half` into an HxWx3 uint8 canvas."""
-    h, w, _ = canvas.shape
-    ys, xs = np.mgrid[0:h, 0:w]
-    if shape == "square":
-        mask = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
-    elif shape == "circle":
-        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
-    elif shape == "triangle":  # apex up
-        rel_y = (ys - (cy - half)) / max(2 * half, 1)  # 0 at the apex, 1 at the base
-        mask = (rel_y >= 0) & (rel_y <= 1) & (np.abs(xs - cx) <= rel_y * half)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    canvas[mask] = colour
+    """Draw a filled shape centred at (cx, cy) with half-size `half` into a square HxHx3 uint8 canvas
+    (the study data's shapes: `aim.study.data.shape_masks`)."""
+    canvas[shape_masks(shape, [cx], [cy], half, canvas.shape[0])[0]] = colour
 
 
 def _options(rng: np.random.RandomState, answer: str, pool: list[str]) -> tuple[list[str], str]:
