@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import re
 from typing import Any, Callable
 
 import transformers
@@ -30,16 +31,18 @@ _warned: set[str] = set()
 
 
 def _release(version: str) -> tuple[int, ...]:
-    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the numeric release, pre/dev suffixes dropped."""
+    """``"5.24.1"`` -> ``(5, 24, 1, 0)``; a pre-release sorts before its release (``"5.21.0rc1"`` ->
+    ``(5, 21, 0, -1)``), a ``.devN`` part is dropped."""
     parts = []
     for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        digits = re.match(r"\d*", piece).group()
         if not digits:
             break
         parts.append(int(digits))
-        if not piece.isdigit():
+        if digits != piece:  # "0rc1": a pre-release, before the release itself
+            parts.append(-1)
             break
-    return tuple(parts)
+    return tuple(parts + [0] * (4 - len(parts)))
 
 
 def is_tested(version: str) -> bool:

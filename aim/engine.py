@@ -70,7 +70,7 @@ class AIMTextForward:
         controller = self.controller
         call = current_call(controller)  # None when the text decoder is called on its own
         layout: VisualLayout | None = controller.take_layout(call)
-        config: AIMConfig = call.config if call is not None else controller.config
+        config: AIMConfig = call.config if call is not None else controller.config_in_effect()
         model = self.text_model
         num_layers = len(model.layers)
         if config.is_identity(num_layers) and aim_state_of(cache) is None:
@@ -183,7 +183,7 @@ class AIMTextForward:
                     attention_mask=mask,
                     position_embeddings=(tokens.cos, tokens.sin),
                     use_cache=use_cache,
-                    **{self.layer_cache_arg: cache},
+                    **{self.layer_cache_arg: cache if use_cache else None},
                     **layer_kwargs,
                 )
             tokens.hidden = out[0] if isinstance(out, tuple) else out

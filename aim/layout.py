@@ -54,16 +54,38 @@ def groups_without_markers(
     return [p for p in parts if p.numel()]
 
 
+def match_item_groups(items, described, item_groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """The groups of each of `items` (the features as the model will place them), given the groups
+    of the items as they were `described` when encoded. generate() may have repeated the items for
+    beams / ``num_return_sequences`` (``[A, B] -> [A, A, B, B]``, per prompt); each placed item is
+    matched to the described item it repeats (the same tensor, or equal features)."""
+    items, described = list(items), list(described)
+    if len(described) != len(item_groups):
+        raise ValueError(f"image-token count mismatch: {len(described)} visual feature blocks but {len(item_groups)} described")
+
+    def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a is b or (a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+    matched = []
+    for item in items:
+        index = next((i for i, d in enumerate(described) if same_memory(d, item)), None)
+        if index is None:
+            index = next((i for i, d in enumerate(described) if d.shape == item.shape and torch.equal(d, item)), None)
+        if index is None:
+            raise ValueError(
+                f"visual features of shape {tuple(item.shape)} match none of the {len(described)} blocks the "
+                "model encoded; AIM cannot tell their merge groups"
+            )
+        matched.append(item_groups[index])
+    return matched
+
+
 def flatten_item_groups(items, item_groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Turn per-item groups (relative to each image / video) into indices of the concatenated
-    features. `items` are the features as the model will place them; when generation repeated
-    them (``num_return_sequences``, beams: ``[A, B] -> [A, B, A, B]``) the groups repeat too."""
+    """Turn per-item groups (relative to each image / video, one entry per item) into indices of
+    the concatenated features."""
     items = list(items)
-    if not item_groups or len(items) % len(item_groups):
-        raise ValueError(
-            f"image-token count mismatch: {len(items)} visual feature blocks but {len(item_groups)} described"
-        )
-    item_groups = item_groups * (len(items) // len(item_groups))
+    if len(items) != len(item_groups):
+        raise ValueError(f"image-token count mismatch: {len(items)} visual feature blocks but {len(item_groups)} described")
     groups, start = [], 0
     for item, relative in zip(items, item_groups):
         if item.ndim != 2 or any(int(g.max()) >= item.shape[0] for g in relative if g.numel()):

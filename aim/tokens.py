@@ -66,6 +66,12 @@ class AIMCache(DynamicCache):
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def reset(self) -> None:
+        # an emptied cache has no per-layer state to keep: it is a plain DynamicCache again
+        super().reset()
+        del self.aim_state
+        self.__class__ = DynamicCache
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.aim_state.select_rows(beam_idx)

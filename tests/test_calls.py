@@ -217,3 +217,53 @@ def test_dict_config():
         apply_aim(model, {"keep": 0.5})
     with pytest.raises(TypeError, match="AIMConfig or a dict"):
         apply_aim(model, 0.5)
+
+
+def test_beam_search_over_prompts_with_different_images_equals_each_prompt_alone():
+    """generate() repeats each prompt's features for its beams ([A, B] -> [A, A, A, B, B, B]); each
+    repeat must keep its own image's merge groups (the images differ in size here)."""
+    model = tiny("llava_next")
+    apply_aim(model, **PRUNING)
+    sizes = [(48, 96), (96, 48)]
+    beams = dict(GREEDY, num_beams=3, num_return_sequences=2)
+    batch = make_inputs(model, kind="image", batch_size=2, text_lengths=(3, 11), seed=3, image_sizes=sizes)
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert counts[0] != counts[1]  # different feature counts: mixed-up groups could not pass
+    with torch.no_grad():
+        together = model.generate(**batch, **beams)[:, -6:]
+    for i, length in enumerate((3, 11)):
+        alone = make_inputs(model, kind="image", batch_size=1, text_lengths=(length,), seed=3, first_sample=i,
+                            image_sizes=[sizes[i]])
+        with torch.no_grad():
+            alone_ids = model.generate(**alone, **beams)[:, -6:]
+        assert together[2 * i : 2 * i + 2].tolist() == alone_ids.tolist()
+
+
+def test_per_call_dicts_change_the_config_in_effect():
+    model = tiny()
+    apply_aim(model, merge_keep=0.5, prune_keep_ratios=(1.0, 0.5, 0.25, 0.0))
+    inputs = make_inputs(model, kind="video", batch_size=1, text_lengths=(5,))
+    with torch.no_grad():
+        model(**inputs, aim_config={"merge_keep": 0.25})
+        per_call = last_stats(model)
+        with settings(model, prune=False):
+            with settings(model, {"merge_keep": 0.25}):  # nested: builds on the outer block
+                model(**inputs)
+                nested = last_stats(model)
+    assert per_call.visual_tokens_per_layer[-1] == [0]  # the model's pruning still applies
+    assert nested.visual_tokens_per_layer[-1] == nested.visual_tokens_after_merge  # the outer prune=False holds
+    assert nested.visual_tokens_after_merge == per_call.visual_tokens_after_merge  # the inner merge_keep
+
+
+def test_a_reset_cache_is_a_plain_dynamic_cache_again():
+    from transformers.cache_utils import DynamicCache
+
+    model = tiny()
+    apply_aim(model, **PRUNING)
+    inputs = make_inputs(model, kind="video", batch_size=1, text_lengths=(5,))
+    with torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+        cache.reset()
+        assert type(cache) is DynamicCache and not hasattr(cache, "aim_state")
+        again = output_cache(model(**inputs, **{cache_argument(model.forward): cache}, use_cache=True))
+    assert again is cache and cache.get_seq_length() == inputs["input_ids"].shape[1]

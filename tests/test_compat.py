@@ -16,6 +16,7 @@ def test_tested_range():
     major, minor = (int(x) for x in high.split(".")[:2])
     assert not compat.is_tested(f"{major}.{minor + 1}.0") and not compat.is_tested(f"{major + 1}.0.0")
     assert compat.is_tested(f"{major}.{minor}.0.dev0")
+    assert not compat.is_tested(low + "rc1")  # a release candidate comes before the tested release
     # the suite runs on this transformers: it must lie in the range it claims
     assert compat.is_tested(transformers.__version__), transformers.__version__
 

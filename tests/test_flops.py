@@ -369,6 +369,7 @@ def test_flops_counting_needs_no_torch():
         "import sys; from aim import flops as F, AIMConfig; "
         "c = F.compare('llava-onevision-qwen2-7b', F.video_input('llava-onevision-qwen2-7b', 32), AIMConfig()); "
         "assert c.baseline.prefill_flops > c.aim.prefill_flops; "
+        "specs = [F.load_model(m) for m in F.builtin_models()]; assert all(s.vision is not None for s in specs); "
         "import aim.cli; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:5]"
     )

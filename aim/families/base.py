@@ -48,6 +48,8 @@ class Family:
     supports_video: bool = False
     video_markers: int = 0  # visual tokens per video outside every frame
     projector_on_patches: bool = True  # False: frames are pooled before the projector
+    # the vision_config fields `vision_shape` reads (a config lacking one is completed by transformers)
+    vision_fields: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "image_size")
 
     def frames_per_group(self, vision: Any) -> int:
         """Video frames per LLM-side merge group."""

@@ -29,6 +29,7 @@ class Qwen2VLFamily(Family):
     model_type = "qwen2_vl"
     class_names = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     supports_video = True
+    vision_fields = ("embed_dim", "depth", "patch_size")
     tiny_vision_markers = True
     tiny_token_types = True
 
@@ -103,6 +104,7 @@ class Qwen2VLFamily(Family):
 class Qwen2_5_VLFamily(Qwen2VLFamily):
     model_type = "qwen2_5_vl"
     class_names = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel")
+    vision_fields = ("hidden_size", "intermediate_size", "depth", "patch_size")
 
     def _vision_widths(self, vision) -> tuple[int, int, int | None]:
         return int(vision.get("hidden_size", 1280)), int(vision.get("intermediate_size", 3420)), vision.get("out_hidden_size")

@@ -207,7 +207,6 @@ def _read(config: Any) -> dict:
 
 
 _LLM_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-_VISION_FIELDS = ("hidden_size", "intermediate_size", "patch_size")
 
 
 def _complete(data: dict) -> dict:
@@ -217,7 +216,8 @@ def _complete(data: dict) -> dict:
     text = data.get("text_config") if isinstance(data.get("text_config"), Mapping) else {}
     vision = data.get("vision_config")
     llm_complete = all(text.get(n) is not None or data.get(n) is not None for n in _LLM_FIELDS)
-    vision_complete = not isinstance(vision, Mapping) or all(vision.get(n) is not None for n in _VISION_FIELDS)
+    needed = (family_for_model_type(str(data.get("model_type", ""))) or Family()).vision_fields
+    vision_complete = not isinstance(vision, Mapping) or all(vision.get(n) is not None for n in needed)
     return data if llm_complete and vision_complete else _normalise(data)
 
 

@@ -108,13 +108,14 @@ def last_stats(model: torch.nn.Module) -> AIMStats | None:
 @contextlib.contextmanager
 def settings(model: torch.nn.Module, config: AIMConfig | Mapping | None = None, **overrides) -> Iterator[None]:
     """Within the block, calls of `model` from this thread use another AIM setting; other threads
-    keep theirs. ``config``/``overrides`` as in `apply_aim`, on top of the model's current config::
+    keep theirs. ``config`` (an `AIMConfig`, or a dict of changes) and ``overrides`` apply on top of
+    the config in effect (the model's, or an enclosing block's)::
 
         with aim.settings(model, merge_keep=0.5, prune=False):
             model.generate(**inputs)
     """
     controller = _controller_of(model)
-    chosen = as_config(config) or controller.config
+    chosen = as_config(config, base=controller.config_in_effect()) or controller.config_in_effect()
     if overrides:
         chosen = chosen.replace(**overrides)
     with call_options(controller, config=controller.checked(chosen)):

@@ -29,7 +29,7 @@ from ..config import AIMConfig
 from ..context import CallState, CaptureHook, call_options, current_call, options_for, running
 from ..engine import AIMTextForward
 from ..families import Family
-from ..layout import VisualLayout, build_layout, flatten_item_groups
+from ..layout import VisualLayout, build_layout, flatten_item_groups, match_item_groups
 from ..stats import AIMStats
 
 ItemGroups = list[list[torch.Tensor]]
@@ -54,12 +54,13 @@ class _Missing:
 _MISSING = _Missing()
 
 
-def as_config(config: AIMConfig | Mapping | None) -> AIMConfig | None:
-    """An `AIMConfig` from a config, a mapping of its fields, or None."""
+def as_config(config: AIMConfig | Mapping | None, base: AIMConfig | None = None) -> AIMConfig | None:
+    """An `AIMConfig` from a config, or from a mapping of fields changed on `base` (default: the
+    defaults), or None."""
     if config is None or isinstance(config, AIMConfig):
         return config
     if isinstance(config, Mapping):
-        return AIMConfig().replace(**dict(config))
+        return (base or AIMConfig()).replace(**dict(config))
     raise TypeError(f"an AIM config must be an AIMConfig or a dict of its fields, got {type(config).__name__}")
 
 
@@ -100,6 +101,14 @@ class Controller:
 
     def configure(self, config: AIMConfig) -> None:
         self.config = self.checked(config)
+
+    def config_in_effect(self) -> AIMConfig:
+        """The config calls from this thread use now: `settings` blocks first, else the model's."""
+        return options_for(self).config or self.config
+
+    def per_call(self, given: AIMConfig | Mapping) -> AIMConfig:
+        """A per-call config: an `AIMConfig` as is, a dict as changes to the config in effect."""
+        return self.checked(as_config(given, base=self.config_in_effect()))
 
     def remember(self, stats: AIMStats) -> None:
         self._last_stats[threading.get_ident()] = stats
@@ -182,15 +191,20 @@ class FeatureGroups:
     generate() may encode the features before the forward that places them."""
 
     def __init__(self) -> None:
-        self._table: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
+        self._table: dict[int, tuple[weakref.ref, list, ItemGroups]] = {}
 
-    def remember(self, output: Any, item_groups: ItemGroups) -> None:
+    def remember(self, output: Any, items: Any, item_groups: ItemGroups) -> None:
         key = id(output)
-        self._table[key] = (weakref.ref(output, lambda _, key=key: self._table.pop(key, None)), item_groups)
+        ref = weakref.ref(output, lambda _, key=key: self._table.pop(key, None))
+        self._table[key] = (ref, list(items), item_groups)
 
     def item_groups(self, output: Any) -> ItemGroups | None:
+        """The groups of each item of ``output.pooler_output`` as it is now (generate() may have
+        repeated the items since they were encoded)."""
         entry = self._table.get(id(output))
-        return entry[1] if entry is not None and entry[0]() is output else None
+        if entry is None or entry[0]() is not output:
+            return None
+        return match_item_groups(output.pooler_output, entry[1], entry[2])
 
     def of(self, outputs: list) -> list[torch.Tensor]:
         """Merge groups (indices into the modality's concatenated features) of recorded outputs."""
@@ -223,8 +237,8 @@ class MultimodalForward:
     def __call__(self, *args, **kwargs):
         controller = self.controller
         options = options_for(controller)
-        given = as_config(kwargs.pop("aim_config", None))
-        config = controller.checked(given) if given is not None else options.config or controller.config
+        given = kwargs.pop("aim_config", None)
+        config = controller.per_call(given) if given is not None else controller.config_in_effect()
         call = inspect.signature(self.original).bind_partial(*args, **kwargs)
         state = CallState(owner=controller, config=config, input_ids=call.arguments.get("input_ids"),
                           record_positions=options.record_positions)
@@ -251,7 +265,7 @@ class Generate:
     def __call__(self, *args, aim_config: AIMConfig | Mapping | None = None, **kwargs):
         if aim_config is None:
             return self.original(*args, **kwargs)
-        with call_options(self.controller, config=self.controller.checked(as_config(aim_config))):
+        with call_options(self.controller, config=self.controller.per_call(aim_config)):
             return self.original(*args, **kwargs)
 
 
@@ -272,7 +286,7 @@ class FeatureFunction:
         if pooled is not None:
             call = inspect.signature(self.original).bind_partial(*args, **kwargs)
             describe = getattr(controller.family, f"{self.modality}_groups")
-            controller.groups.remember(output, describe(controller.multimodal, pooled, call))
+            controller.groups.remember(output, pooled, describe(controller.multimodal, pooled, call))
             state = current_call(controller)
             if state is not None:
                 state.recording[self.modality].append(output)
