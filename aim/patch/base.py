@@ -33,6 +33,12 @@ from ..layout import VisualLayout, build_layout, flatten_item_groups, match_item
 from ..stats import AIMStats
 
 ItemGroups = list[list[torch.Tensor]]
+CHUNKED_PREFILL = (
+    "the visual tokens of this prompt chunk come without their whole image / video: the prompt was "
+    "split by chunked prefill (generate(..., prefill_chunk_size=N)), or its features were encoded "
+    "before apply_aim. AIM merges and prunes each image / video as a whole in one prefill: use "
+    "prefill_chunk_size=None"
+)
 
 
 class _Missing:
@@ -177,6 +183,11 @@ class Controller:
         layout = build_layout(state.input_ids, pairs)
         if not layout.visual.any():
             return None
+        if state.input_ids.shape[1] > 1 and not any(state.recording.values()):
+            # placeholders in a prompt chunk, but no visual features came with this call: transformers
+            # < 5.24 runs chunked prefill this way (the pixels go with no chunk), and AIM would merge
+            # and prune placeholder embeddings as if they were the image
+            raise NotImplementedError(CHUNKED_PREFILL)
         return layout
 
 
@@ -214,11 +225,7 @@ class FeatureGroups:
             items = output.pooler_output
             item_groups = self.item_groups(output)
             if item_groups is None:
-                raise NotImplementedError(
-                    "these visual features carry no merge groups: they were split by chunked prefill "
-                    "(generate(..., prefill_chunk_size=N)) or encoded before apply_aim. AIM merges and "
-                    "prunes each image / video as a whole in one prefill: use prefill_chunk_size=None"
-                )
+                raise NotImplementedError(CHUNKED_PREFILL)
             groups.extend(g + offset for g in flatten_item_groups(items, item_groups))
             offset += sum(item.shape[0] for item in items)
         return groups
