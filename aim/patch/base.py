@@ -239,6 +239,7 @@ class MultimodalForward:
     def __init__(self, controller: Controller, original: Callable) -> None:
         self.controller = controller
         self.original = original
+        self.signature = inspect.signature(original)  # read once: __call__ runs on every forward
         self.__wrapped__ = original  # inspect.signature and generate() see the original's arguments
 
     def __call__(self, *args, **kwargs):
@@ -246,7 +247,7 @@ class MultimodalForward:
         options = options_for(controller)
         given = kwargs.pop("aim_config", None)
         config = controller.per_call(given) if given is not None else controller.config_in_effect()
-        call = inspect.signature(self.original).bind_partial(*args, **kwargs)
+        call = self.signature.bind_partial(*args, **kwargs)
         state = CallState(owner=controller, config=config, input_ids=call.arguments.get("input_ids"),
                           record_positions=options.record_positions)
         # features encoded before the forward (generate() does this) arrive as mm_encoder_outputs
@@ -284,6 +285,7 @@ class FeatureFunction:
         self.controller = controller
         self.original = original
         self.modality = modality
+        self.signature = inspect.signature(original)
         self.__wrapped__ = original
 
     def __call__(self, *args, **kwargs):
@@ -291,7 +293,7 @@ class FeatureFunction:
         output = self.original(*args, **kwargs)
         pooled = getattr(output, "pooler_output", None)
         if pooled is not None:
-            call = inspect.signature(self.original).bind_partial(*args, **kwargs)
+            call = self.signature.bind_partial(*args, **kwargs)
             describe = getattr(controller.family, f"{self.modality}_groups")
             controller.groups.remember(output, pooled, describe(controller.multimodal, pooled, call))
             state = current_call(controller)
