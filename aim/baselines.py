@@ -19,24 +19,36 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .counts import grid_side, group_size_after_merge, pooled_shape  # noqa: F401 (re-exported)
-from .merge import MergedTokens, merge_tokens
+from .merge import MergedTokens, merge_tokens, split_carry
 
 
 def reduce_groups(
-    features: torch.Tensor, schedule: Sequence[float], method: str, generator: torch.Generator | None = None
+    features: torch.Tensor,
+    schedule: Sequence[float],
+    method: str,
+    generator: torch.Generator | None = None,
+    sizes: torch.Tensor | None = None,
+    carry: torch.Tensor | None = None,
 ) -> MergedTokens:
-    """Reduce each group of `features` ``(groups, n, dim)`` by `method` (see `group_size_after_merge`)."""
+    """Reduce each group of `features` ``(groups, n, dim)`` by `method` (see `group_size_after_merge`).
+
+    `sizes` / `carry` as in `aim.merge.merge_tokens`: tokens that already stand for several
+    (temporal merging) and features reduced alongside (DeepStack). Pooling averages regions of the
+    grid (it needs whole square frames: no earlier temporal merging); random dropping keeps sizes.
+    """
     if method == "bipartite":
-        return merge_tokens(features, schedule)
+        return merge_tokens(features, schedule, sizes=sizes, carry=carry)
     groups, n, dim = features.shape
+    values = features if carry is None else torch.cat([features, carry.to(features.dtype)], dim=-1)
     target = group_size_after_merge(n, schedule, method)
     if method == "random":
         scores = torch.rand(groups, n, generator=generator).to(features.device)
         index = scores.topk(target, dim=1).indices.sort(dim=1).values
-        kept = features.gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
-        return MergedTokens(kept, torch.ones(groups, target, device=features.device), index)
+        kept = values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+        kept_sizes = torch.ones(groups, target, device=features.device) if sizes is None else sizes.float().gather(1, index)
+        return split_carry(MergedTokens(kept, kept_sizes, index), dim)
     if method == "pool":
-        return _pool(features, pooled_shape(n, schedule[-1]))
+        return split_carry(_pool(values, pooled_shape(n, schedule[-1])), dim)
     raise ValueError(f"unknown merge method {method!r}")
 
 

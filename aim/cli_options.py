@@ -8,7 +8,8 @@ from .config import AIMConfig
 
 
 def add_aim_options(parser: argparse.ArgumentParser) -> None:
-    """``--merge-keep``, ``--prune-start``, ``--prune-step``, ``--no-merge``, ``--no-prune``."""
+    """``--merge-keep``, ``--prune-start``, ``--prune-step``, ``--temporal-keep``, ``--prune-action``,
+    ``--no-merge``, ``--no-prune``."""
     parser.add_argument("--merge-keep", type=float, default=None,
                         help="fraction of each frame's tokens merging keeps (default 0.25)")
     parser.add_argument("--prune-start", type=int, default=None,
@@ -17,6 +18,12 @@ def add_aim_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-step", type=float, default=None,
                         help="fraction of the LLM's visual tokens dropped per layer from --prune-start on "
                              "(default: none left at three quarters of depth)")
+    parser.add_argument("--temporal-keep", type=float, default=None,
+                        help="temporal merging of videos: fraction of each later frame's tokens kept, the "
+                             "rest merged into the frame before (default: off)")
+    parser.add_argument("--prune-action", choices=("drop", "merge"), default=None,
+                        help="what happens to pruned visual tokens: drop (default) or merge into the most "
+                             "similar kept one")
     parser.add_argument("--no-merge", action="store_true", help="no merging before the LLM (pruning only)")
     parser.add_argument("--no-prune", action="store_true", help="no pruning inside the LLM (merging only)")
 
@@ -37,6 +44,10 @@ def aim_overrides(args: argparse.Namespace) -> dict:
     else:
         overrides.update({k: v for k, v in (("prune_start", args.prune_start), ("prune_step", args.prune_step))
                           if v is not None})
+    if args.temporal_keep is not None:
+        overrides["temporal_keep"] = args.temporal_keep
+    if args.prune_action is not None:
+        overrides["prune_action"] = args.prune_action
     return overrides
 
 

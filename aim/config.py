@@ -18,6 +18,8 @@ PRUNE_MODES = ("remove", "mask")
 # AIM's own methods first; the others are the baselines the accuracy study compares against
 MERGE_METHODS = ("bipartite", "pool", "random")
 PRUNE_METHODS = ("pagerank", "last_token", "random")
+# what happens to the visual tokens a pruning layer removes
+PRUNE_ACTIONS = ("drop", "merge")
 
 
 def merge_schedule_for_keep(merge_keep: float) -> tuple[float, ...]:
@@ -78,6 +80,16 @@ class AIMConfig:
             the baselines ``"last_token"`` (FastV: attention from the last token, mean over
             heads) and ``"random"``.
         seed: seed of the random baselines (the same tokens for the same input).
+        temporal_keep: temporal merging of videos, before the per-frame merging: the fraction of
+            each frame's tokens (after the first frame) that stay; the others, the tokens most
+            similar to a token of the frames before, merge into it (`aim.temporal`). ``1.0``: off.
+        temporal_threshold: instead of `temporal_keep`, merge every token whose cosine similarity
+            to its best match in the earlier frames is at least this (token counts then depend on
+            the video). None: off.
+        temporal_window: how many earlier frames a token is matched against.
+        prune_action: what happens to the visual tokens a pruning layer removes: ``"drop"`` (AIM)
+            or ``"merge"``: each merges (size-weighted, by hidden-state cosine similarity) into
+            the most similar visual token that stays, as HoliTom does inside the LLM.
     """
 
     enabled: bool = True
@@ -93,6 +105,10 @@ class AIMConfig:
     merge_method: str = "bipartite"
     prune_method: str = "pagerank"
     seed: int = 0
+    temporal_keep: float = 1.0
+    temporal_threshold: float | None = None
+    temporal_window: int = 1
+    prune_action: str = "drop"
 
     def __post_init__(self) -> None:
         if self.merge_keep is not None:
@@ -135,6 +151,32 @@ class AIMConfig:
             raise ValueError(f"prune_method must be one of {PRUNE_METHODS}, got {self.prune_method!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        self._check_temporal()
+        if self.prune_action not in PRUNE_ACTIONS:
+            raise ValueError(f"prune_action must be one of {PRUNE_ACTIONS}, got {self.prune_action!r}")
+
+    def _check_temporal(self) -> None:
+        self.temporal_keep = float(self.temporal_keep)
+        if not 0.0 < self.temporal_keep <= 1.0:
+            raise ValueError(f"temporal_keep must be in (0, 1], got {self.temporal_keep!r}")
+        if self.temporal_threshold is not None:
+            self.temporal_threshold = float(self.temporal_threshold)
+            if not -1.0 <= self.temporal_threshold <= 1.0:
+                raise ValueError(f"temporal_threshold is a cosine similarity in [-1, 1], got {self.temporal_threshold!r}")
+            if self.temporal_keep < 1.0:
+                raise ValueError("give either temporal_keep (a fraction) or temporal_threshold (a similarity), not both")
+        if isinstance(self.temporal_window, bool) or not isinstance(self.temporal_window, int) or self.temporal_window < 1:
+            raise ValueError(f"temporal_window must be an integer >= 1 (earlier frames matched), got {self.temporal_window!r}")
+        if self.temporal_merging and self.merge_method == "pool":
+            raise ValueError(
+                "temporal merging leaves frames of different sizes, which uniform pooling (square grids) "
+                "cannot reduce; use merge_method='bipartite' or 'random' with it"
+            )
+
+    @property
+    def temporal_merging(self) -> bool:
+        """Whether videos are merged across frames (before the per-frame step)."""
+        return self.enabled and (self.temporal_keep < 1.0 or self.temporal_threshold is not None)
 
     def replace(self, **overrides) -> "AIMConfig":
         """A copy with some fields changed (validated again)."""
@@ -142,6 +184,10 @@ class AIMConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown AIM option(s) {unknown}; allowed: {sorted(names)}")
+        if overrides.get("temporal_threshold") is not None:
+            overrides.setdefault("temporal_keep", 1.0)
+        if overrides.get("temporal_keep", 1.0) < 1.0:
+            overrides.setdefault("temporal_threshold", None)
         if "merge_schedule" in overrides and "merge_keep" not in overrides:
             overrides["merge_keep"] = None
         if ("prune_start" in overrides or "prune_step" in overrides) and "prune_keep_ratios" not in overrides:
@@ -184,7 +230,9 @@ class AIMConfig:
     def is_identity(self, num_layers: int) -> bool:
         """True when this config changes nothing (no merging, every layer keeps every token)."""
         return (not self.enabled) or (
-            all(k >= 1.0 for k in self.merge_schedule) and all(r >= 1.0 for r in self.keep_ratios(num_layers))
+            all(k >= 1.0 for k in self.merge_schedule)
+            and all(r >= 1.0 for r in self.keep_ratios(num_layers))
+            and not self.temporal_merging
         )
 
     def describe(self, num_layers: int) -> str:
@@ -199,6 +247,11 @@ class AIMConfig:
                 merge += f" (steps {steps})"
         else:
             merge = "no merging"
+        if self.temporal_merging:
+            when = (f"similarity >= {self.temporal_threshold:g}" if self.temporal_threshold is not None
+                    else f"{self.temporal_keep:.0%} of each later frame kept")
+            window = "the frame" if self.temporal_window == 1 else f"the {self.temporal_window} frames"
+            merge = f"temporal merging into {window} before ({when}), then {merge}"
         ratios = self.keep_ratios(num_layers)
         pruned = [(layer, r) for layer, r in enumerate(ratios) if r < 1.0]
         if not pruned:
@@ -211,6 +264,8 @@ class AIMConfig:
                 break
             shown.append(f"{r:.1%} at layer {layer}".replace(".0%", "%"))
         mode = "" if self.prune_mode == "remove" else ", masked instead of removed"
+        if self.prune_action == "merge":
+            mode += ", pruned tokens merged into the most similar kept one"
         return f"{merge}; pruning by {ranking[self.prune_method]}{mode} keeps " + ", ".join(shown) + \
             f" of the visual tokens entering the {num_layers}-layer LLM"
 

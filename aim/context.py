@@ -89,10 +89,10 @@ def call_options(owner: Any, **changes) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def capture_request(attention: torch.nn.Module) -> Iterator[dict]:
-    """Ask the capture hooks of `attention`'s q/k projections to store their outputs (this
-    context only); yields the dict they fill with ``"q"`` and ``"k"``."""
-    request = {"q": attention.q_proj, "k": attention.k_proj, "out": {}}
+def capture_request(query: torch.nn.Module, key: torch.nn.Module) -> Iterator[dict]:
+    """Ask the capture hooks of one attention's query / key modules (`Family.qk_modules`) to store
+    their outputs (this context only); yields the dict they fill with ``"q"`` and ``"k"``."""
+    request = {"q": query, "k": key, "out": {}}
     token = _CAPTURE.set(request)
     try:
         yield request["out"]

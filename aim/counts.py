@@ -27,6 +27,12 @@ def merged_token_count(num_tokens: int, schedule: Sequence[float]) -> int:
     return num_tokens - sum(merge_counts(num_tokens, schedule))
 
 
+def temporal_frame_sizes(frame_tokens: Sequence[int], keep: float) -> list[int]:
+    """Tokens each frame of one video keeps after temporal merging with keep fraction `keep`: the
+    first frame all, every later frame ``max(1, round(n * keep))`` of its ``n`` (`aim.temporal`)."""
+    return [n if t == 0 or keep >= 1.0 else max(1, visual_tokens_kept(n, keep)) for t, n in enumerate(frame_tokens)]
+
+
 def grid_side(num_tokens: int) -> int:
     """Side of the square grid of `num_tokens` tokens; a clear error if they form none."""
     side = math.isqrt(num_tokens)

@@ -24,10 +24,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import compat
 
-from .baselines import last_token_importance, reduce_groups
+from .baselines import last_token_importance
 from .config import AIMConfig, visual_tokens_kept
 from .layout import VisualLayout
 from .prune import pagerank_importance, select_tokens
+from .reduce import merge_before_llm, merge_pruned
 from .stats import AIMStats
 from .context import capture_request, current_call
 from .tokens import CacheState, TokenSet, aim_state_of, as_aim_cache, attention_mask_4d
@@ -42,7 +43,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _heads_with_rope(states: torch.Tensor, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x = rearrange(states, "batch seq (heads dim) -> batch heads seq dim", dim=head_dim)
+    if states.ndim == 4:  # (batch, seq, heads, dim): q/k norms' outputs (Family.qk_modules)
+        x = rearrange(states, "batch seq heads dim -> batch heads seq dim")
+    else:
+        x = rearrange(states, "batch seq (heads dim) -> batch heads seq dim", dim=head_dim)
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
@@ -93,6 +97,7 @@ class AIMTextForward:
                     "sequence lengths); call remove_aim(model) or apply_aim(model, enabled=False) first"
                 )
         layer_kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+        additions = controller.family.take_visual_additions(layer_kwargs)
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -122,12 +127,12 @@ class AIMTextForward:
         visual = layout.visual.to(device) & chunk_valid if layout is not None else torch.zeros_like(chunk_valid)
         if layout is not None:
             _check_text_after_visual(visual, chunk_valid)
-        tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove")
+        extras = _scatter_additions(additions, layout, inputs_embeds) if additions else None
+        tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove", extras=extras)
         visual_before = visual.sum(dim=1)
         generator = torch.Generator().manual_seed(config.seed)  # the random baselines only
-        if layout is not None and config.enabled and config.merge_schedule:
-            tokens.hidden = tokens.hidden.clone()
-            tokens.keep(_merge_groups(tokens.hidden, layout.groups, config, chunk_valid, generator))
+        if layout is not None and config.enabled and (config.merge_schedule or config.temporal_merging):
+            merge_before_llm(tokens, layout, config, generator)
         recording = call is not None and call.record_positions
         kept_positions = [("merge", _visual_origins(tokens))] if recording else None
         # random ranking: one fixed random priority per prompt position, so removing and masking
@@ -160,7 +165,10 @@ class AIMTextForward:
                 else:  # every visual token goes: no ranking needed
                     importance = torch.zeros(tokens.valid.shape, device=device)
                 keep_visual = torch.tensor(targets[idx], device=device)
-                tokens.keep(select_tokens(importance, tokens.valid, tokens.visual, keep_visual))
+                keep = select_tokens(importance, tokens.valid, tokens.visual, keep_visual)
+                if config.prune_action == "merge":
+                    merge_pruned(tokens, keep)
+                tokens.keep(keep)
                 current = targets[idx]
                 if kept_positions is not None:
                     kept_positions.append((idx, _visual_origins(tokens)))
@@ -176,7 +184,9 @@ class AIMTextForward:
             key_valid, mask = masks[mask_key]
             if wants_ranking:
                 head_dim = layer.self_attn.head_dim
-            recorder = capture_request(layer.self_attn) if wants_ranking else contextlib.nullcontext({})
+            recorder = (
+                capture_request(*controller.family.qk_modules(layer.self_attn)) if wants_ranking else contextlib.nullcontext({})
+            )
             with recorder as captured:
                 out = layer(
                     tokens.hidden,
@@ -187,6 +197,8 @@ class AIMTextForward:
                     **layer_kwargs,
                 )
             tokens.hidden = out[0] if isinstance(out, tuple) else out
+            if extras is not None and idx < len(additions):
+                _add_visual(tokens, idx)
             new_layer_valid.append(key_valid)
             stats_rows.append(([t + v for t, v in zip(text_counts, current)], list(current), tokens.valid.shape[1]))
 
@@ -293,22 +305,31 @@ def _group_positions(layout: VisualLayout | None) -> list[list[list[int]]] | Non
     return [[positions.tolist() for positions in sample] for sample in layout.groups]
 
 
-def _merge_groups(hidden, groups, config: AIMConfig, valid, generator) -> torch.Tensor:
-    """Merge each sample's frame / crop groups in place in `hidden`; return the slots that stay."""
-    keep = valid.clone()
-    for sample, sample_groups in enumerate(groups):
-        by_size: dict[int, list[torch.Tensor]] = {}
-        for positions in sample_groups:
-            if positions.numel() >= 2:
-                by_size.setdefault(positions.numel(), []).append(positions.to(hidden.device))
-        for positions in by_size.values():
-            stacked = torch.stack(positions)  # (groups, n)
-            merged = reduce_groups(hidden[sample, stacked], config.merge_schedule, config.merge_method, generator)
-            survivors = stacked.gather(1, merged.index)
-            hidden[sample, survivors] = merged.features
-            keep[sample, stacked] = False
-            keep[sample, survivors] = True
-    return keep
+def _scatter_additions(additions: list, layout: VisualLayout | None, like: torch.Tensor) -> torch.Tensor:
+    """The per-layer visual additions (rows in the order of the chunk's visual positions) laid on
+    the chunk as one ``(batch, seq, layers * hidden)`` tensor, zero off the visual positions."""
+    if layout is None:
+        raise ValueError("visual additions (DeepStack features) came without visual features in this call")
+    visual = layout.visual.to(like.device)
+    count = int(visual.sum())
+    for i, rows in enumerate(additions):
+        if rows.shape != (count, like.shape[-1]):
+            raise ValueError(
+                f"image-token count mismatch: layer {i}'s visual additions have shape {tuple(rows.shape)}, "
+                f"but the chunk holds {count} visual placeholder tokens of width {like.shape[-1]}"
+            )
+    extras = like.new_zeros(*visual.shape, len(additions) * like.shape[-1])
+    extras[visual] = torch.cat([rows.to(like.dtype) for rows in additions], dim=-1)
+    return extras
+
+
+def _add_visual(tokens: TokenSet, layer_idx: int) -> None:
+    """Add layer `layer_idx`'s visual additions to the visual tokens present, as the decoder does
+    after that layer (its DeepStack step)."""
+    dim = tokens.hidden.shape[-1]
+    add = tokens.extras[..., layer_idx * dim : (layer_idx + 1) * dim]
+    where = (tokens.visual & tokens.valid).unsqueeze(-1)
+    tokens.hidden = torch.where(where, tokens.hidden + add.to(tokens.hidden.dtype), tokens.hidden)
 
 
 def _cache_entries(cache) -> list[int]:

@@ -78,6 +78,8 @@ def _t(flops: int | float) -> str:
 def _aim_summary(config: AIMConfig, report: F.CostReport, num_layers: int) -> str:
     merge = f"merge keep {config.merge_schedule[-1]:g} (steps {', '.join(f'{k:g}' for k in config.merge_schedule)})" \
         if config.merge_schedule else "no merging"
+    if config.temporal_merging:
+        merge = f"temporal merging keeps {config.temporal_keep:g} of each later frame, then {merge}"
     if not config.prune:
         prune = "no pruning"
     else:
@@ -86,6 +88,8 @@ def _aim_summary(config: AIMConfig, report: F.CostReport, num_layers: int) -> st
         gone = next((i for i, r in enumerate(ratios) if r <= 0.0), None)
         prune = "no pruning" if start is None else (
             f"pruning from layer {start}" + (f", no visual token from layer {gone}" if gone is not None else ""))
+        if start is not None and config.prune_action == "merge":
+            prune += " (pruned tokens merged into kept ones)"
     return f"AIM: {merge}; {prune}; {report.visual_tokens_in_llm} visual tokens enter the LLM"
 
 

@@ -20,10 +20,13 @@ class VisualLayout:
 
     visual: ``(batch, seq)`` bool, placeholder positions of images and videos.
     groups: per sample, 1-D tensors of sequence positions merged together (frames / crops).
+    videos: per sample, for each video the indices into ``groups[sample]`` of its frames (temporal
+        slices) in time order: what temporal merging works across.
     """
 
     visual: torch.Tensor
     groups: list[list[torch.Tensor]] = field(default_factory=list)
+    videos: list[list[list[int]]] = field(default_factory=list)
 
 
 def chunk_groups(length: int, num_chunks: int) -> list[torch.Tensor]:
@@ -80,13 +83,13 @@ def match_item_groups(items, described, item_groups: list[list[torch.Tensor]]) -
     return matched
 
 
-def flatten_item_groups(items, item_groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def flatten_item_groups(items, item_groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
     """Turn per-item groups (relative to each image / video, one entry per item) into indices of
-    the concatenated features."""
+    the concatenated features, still one list per item."""
     items = list(items)
     if len(items) != len(item_groups):
         raise ValueError(f"image-token count mismatch: {len(items)} visual feature blocks but {len(item_groups)} described")
-    groups, start = [], 0
+    out, start = [], 0
     for item, relative in zip(items, item_groups):
         if item.ndim != 2 or any(int(g.max()) >= item.shape[0] for g in relative if g.numel()):
             # e.g. transformers < 5.21 returned LLaVA-NeXT-Video features per frame: merging would
@@ -96,45 +99,52 @@ def flatten_item_groups(items, item_groups: list[list[torch.Tensor]]) -> list[to
                 f"{max((int(g.max()) for g in relative if g.numel()), default=-1)}: aim expects one "
                 "(tokens, dim) block per image / video; this transformers release may lay features out differently"
             )
-        groups.extend(g + start for g in relative)
+        out.append([g + start for g in relative])
         start += item.shape[0]
-    return groups
+    return out
 
 
 def build_layout(
-    input_ids: torch.Tensor, token_groups: list[tuple[int, list[torch.Tensor]]]
+    input_ids: torch.Tensor, token_groups: list[tuple[int, list[list[torch.Tensor]], bool]]
 ) -> VisualLayout:
     """Place recorded feature groups on the sequence.
 
     Args:
         input_ids: ``(batch, seq)`` token ids of the chunk.
-        token_groups: per modality, ``(placeholder_token_id, groups)`` with groups of
-            feature indices as recorded from the model's feature functions.
+        token_groups: per modality, ``(placeholder_token_id, items, is_video)``: for each image /
+            video its groups of feature indices as recorded from the model's feature functions.
     """
     batch = input_ids.shape[0]
     visual = torch.zeros_like(input_ids, dtype=torch.bool)
     groups: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    for token_id, feature_groups in token_groups:
+    videos: list[list[list[int]]] = [[] for _ in range(batch)]
+    for token_id, items, is_video in token_groups:
         is_token = input_ids == token_id
         visual |= is_token
-        if not feature_groups:
+        if not items:
             continue
         placeholders = is_token.nonzero()  # row-major, the order masked_scatter fills
         count = placeholders.shape[0]
-        for group in feature_groups:
-            if group.numel() == 0:
-                continue
-            if int(group.max()) >= count:
-                raise ValueError(
-                    f"image-token count mismatch: the model produced more visual features than the "
-                    f"{count} placeholder tokens (id {token_id}) in input_ids"
-                )
-            where = placeholders[group.to(placeholders.device)]
-            samples = where[:, 0].unique()
-            if samples.numel() != 1:
-                raise ValueError(
-                    "image-token count mismatch: one image/frame's features span two prompts of the batch; "
-                    f"each prompt must hold exactly as many placeholder tokens (id {token_id}) as its images give features"
-                )
-            groups[int(samples)].append(where[:, 1])
-    return VisualLayout(visual=visual, groups=groups)
+        for item in items:
+            chain: list[tuple[int, int]] = []
+            for group in item:
+                if group.numel() == 0:
+                    continue
+                if int(group.max()) >= count:
+                    raise ValueError(
+                        f"image-token count mismatch: the model produced more visual features than the "
+                        f"{count} placeholder tokens (id {token_id}) in input_ids"
+                    )
+                where = placeholders[group.to(placeholders.device)]
+                samples = where[:, 0].unique()
+                if samples.numel() != 1:
+                    raise ValueError(
+                        "image-token count mismatch: one image/frame's features span two prompts of the batch; "
+                        f"each prompt must hold exactly as many placeholder tokens (id {token_id}) as its images give features"
+                    )
+                sample = int(samples)
+                chain.append((sample, len(groups[sample])))
+                groups[sample].append(where[:, 1])
+            if is_video and len(chain) > 1 and len({sample for sample, _ in chain}) == 1:
+                videos[chain[0][0]].append([index for _, index in chain])
+    return VisualLayout(visual=visual, groups=groups, videos=videos)

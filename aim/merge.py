@@ -49,21 +49,26 @@ class MergedTokens:
     features: torch.Tensor  # (groups, n_kept, dim)
     sizes: torch.Tensor  # (groups, n_kept) how many original tokens each one stands for
     index: torch.Tensor  # (groups, n_kept) original position (within the group) of each survivor
+    carry: torch.Tensor | None = None  # (groups, n_kept, extra) per-token features merged alike
 
 
 def merge_step(
-    features: torch.Tensor, sizes: torch.Tensor, index: torch.Tensor, num_merge: int
+    features: torch.Tensor, sizes: torch.Tensor, index: torch.Tensor, num_merge: int, match_dims: int | None = None
 ) -> MergedTokens:
     """One bipartite step: merge the `num_merge` A-tokens (even positions) that best
-    match a B-token (odd positions) into that B-token, as a size-weighted mean."""
+    match a B-token (odd positions) into that B-token, as a size-weighted mean.
+
+    `match_dims`: only the first `match_dims` features decide the matching (the rest are carried
+    features, e.g. Qwen3-VL's DeepStack features, averaged with the same weights); default all.
+    """
     groups, n, dim = features.shape
     if num_merge <= 0:
         return MergedTokens(features, sizes, index)
     num_a = (n + 1) // 2
     if n < 2 or num_merge > num_a:
         raise ValueError(f"cannot merge {num_merge} of {n} tokens in one bipartite step (at most {num_a}, n >= 2)")
-    feat_a, feat_b = features[:, ::2], features[:, 1::2]
-    score, partner = best_match(feat_a, feat_b)
+    matched = features if match_dims is None else features[..., :match_dims]
+    score, partner = best_match(matched[:, ::2], matched[:, 1::2])
     order = score.argsort(dim=-1, descending=True, stable=True)
     merged_a, kept_a = order[:, :num_merge], order[:, num_merge:]
 
@@ -85,13 +90,34 @@ def merge_step(
     return MergedTokens((out_w / out_s.unsqueeze(-1)).to(features.dtype), out_s, out_i)
 
 
-def merge_tokens(features: torch.Tensor, schedule: Sequence[float]) -> MergedTokens:
+def merge_tokens(
+    features: torch.Tensor,
+    schedule: Sequence[float],
+    sizes: torch.Tensor | None = None,
+    carry: torch.Tensor | None = None,
+) -> MergedTokens:
     """Merge each group of `features` ``(groups, n, dim)`` down the cumulative keep
-    fractions of `schedule` (fractions of the original ``n``), one bipartite step each."""
-    groups, n, _ = features.shape
-    sizes = torch.ones(groups, n, dtype=torch.float32, device=features.device)
+    fractions of `schedule` (fractions of the original ``n``), one bipartite step each.
+
+    Args:
+        sizes: ``(groups, n)`` how many original tokens each token already stands for (e.g. after
+            temporal merging); default ones.
+        carry: ``(groups, n, extra)`` features merged with the same groups and weights but not
+            matched on (Qwen3-VL's DeepStack features); returned as ``MergedTokens.carry``.
+    """
+    groups, n, dim = features.shape
+    if sizes is None:
+        sizes = torch.ones(groups, n, dtype=torch.float32, device=features.device)
     index = torch.arange(n, device=features.device).expand(groups, n)
-    merged = MergedTokens(features, sizes, index)
+    values = features if carry is None else torch.cat([features, carry.to(features.dtype)], dim=-1)
+    merged = MergedTokens(values, sizes.float(), index)
     for num_merge in merge_counts(n, schedule):
-        merged = merge_step(merged.features, merged.sizes, merged.index, num_merge)
-    return merged
+        merged = merge_step(merged.features, merged.sizes, merged.index, num_merge, match_dims=dim)
+    return split_carry(merged, dim)
+
+
+def split_carry(merged: MergedTokens, dim: int) -> MergedTokens:
+    """Split merged ``[features | carry]`` values (the carried part after column `dim`)."""
+    if merged.features.shape[-1] == dim:
+        return merged
+    return MergedTokens(merged.features[..., :dim], merged.sizes, merged.index, merged.features[..., dim:])

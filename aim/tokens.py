@@ -110,10 +110,14 @@ def as_aim_cache(cache: DynamicCache, state: CacheState) -> AIMCache:
 class TokenSet:
     """The slots of the current chunk, ``(batch, width)`` each."""
 
-    def __init__(self, hidden, cos, sin, valid, visual, remove: bool):
+    def __init__(self, hidden, cos, sin, valid, visual, remove: bool, extras: torch.Tensor | None = None):
         batch, width = valid.shape
         self.hidden, self.cos, self.sin = hidden, cos, sin
         self.valid, self.visual = valid, visual
+        # how many input tokens each slot stands for (merging adds up), and per-slot features that
+        # follow the tokens (Qwen3-VL's DeepStack features, (batch, width, extra))
+        self.sizes = torch.ones(batch, width, dtype=torch.float32, device=valid.device)
+        self.extras = extras
         self.origin = torch.arange(width, device=valid.device).expand(batch, width)
         self.remove = remove
         self.version = 0  # bumped whenever the slots change
@@ -135,6 +139,9 @@ class TokenSet:
         gather = order.gather(1, rank.clamp_min(0)).masked_fill(pad, 0)
         self.hidden = _take(self.hidden, gather)
         self.cos, self.sin = _take(self.cos, gather), _take(self.sin, gather)
+        self.sizes = self.sizes.gather(1, gather)
+        if self.extras is not None:
+            self.extras = _take(self.extras, gather)
         self.origin = self.origin.gather(1, gather)
         self.visual = self.visual.gather(1, gather) & ~pad
         self.valid = ~pad

@@ -10,6 +10,12 @@ cuts its visual tokens to a FLOPs budget. Every method runs through the same eng
     prune only       AIM's PageRank pruning alone (stage b), from layer 1, step tuned
     AIM, random ranks  AIM's merging and pruning schedule, but pruning drops random visual
                      tokens: the control for PageRank's ranking
+    temporal merge   temporal merging alone: tokens repeating a token of the frame before merge
+                     into it (FrameFusion-like), keep fraction of each later frame tuned
+    temporal+merge   temporal merging, then per-frame merging, both at the tuned keep fraction
+    AIM, merge pruned  AIM, but the tokens a pruning layer removes merge into the most similar
+                     kept visual token (HoliTom-like) instead of being dropped
+    temporal+AIM, merge pruned  all three
     random drop      random visual tokens per frame dropped before the LLM
     uniform pool     each frame's token grid average-pooled to a smaller rows x cols grid
     FastV            one pruning step after layer K, ranked by attention from the last token
@@ -85,6 +91,18 @@ def methods(num_layers: int) -> list[Method]:
         Method(
             "AIM, random ranks",
             lambda m: AIMConfig(merge_keep=m, prune_start=start, prune_step=aim_step, prune_method="random"),
+            1 / 64, 1.0, "lower",
+        ),
+        Method("temporal merge", lambda m: AIMConfig(temporal_keep=m, merge_schedule=(), prune=False), 1 / 64, 1.0, "lower"),
+        Method("temporal+merge", lambda m: AIMConfig(temporal_keep=m, merge_keep=max(m, 1 / 64), prune=False), 1 / 64, 1.0, "lower"),
+        Method(
+            "AIM, merge pruned",
+            lambda m: AIMConfig(merge_keep=m, prune_start=start, prune_step=aim_step, prune_action="merge"),
+            1 / 64, 1.0, "lower",
+        ),
+        Method(
+            "temporal+AIM, merge pruned",
+            lambda m: AIMConfig(temporal_keep=m, merge_keep=m, prune_start=start, prune_step=aim_step, prune_action="merge"),
             1 / 64, 1.0, "lower",
         ),
         Method("random drop", lambda m: AIMConfig(merge_keep=m, merge_method="random", prune=False), 1 / 64, 1.0, "lower"),
@@ -257,7 +275,8 @@ def report(args, spec, examples, baseline, runs, frame_rows, chance, frames) -> 
           f"{baseline['prefill_flops'] / 1e9:.3f} GFLOPs per question\n")
     budgets = sorted({r["budget"] for r in runs}, reverse=True)
     names = list(dict.fromkeys(r["method"] for r in runs))
-    header = f"{'method':<17}" + "".join(f" | {f'{b:.0%} budget':>17}" for b in budgets)
+    w = max(17, *(len(name) for name in names))  # the method column
+    header = f"{'method':<{w}}" + "".join(f" | {f'{b:.0%} budget':>17}" for b in budgets)
     print("Accuracy (FLOPs actually used, % of the unchanged model)")
     print(header)
     print("-" * len(header))
@@ -272,19 +291,19 @@ def report(args, spec, examples, baseline, runs, frame_rows, chance, frames) -> 
                 used = res["prefill_flops"] / baseline["prefill_flops"]
                 mark = "*" if res.get("few_visual_layers") else " "
                 cells.append(f"{res['accuracy']:>7.1%}{mark} ({used:>5.1%})")
-        print(f"{name:<17}" + "".join(f" | {c}" for c in cells))
+        print(f"{name:<{w}}" + "".join(f" | {c}" for c in cells))
     print("* visual tokens in fewer than half of the LLM layers")
     print("\nPer question kind at the lowest budget each method reaches:")
     kinds = list(baseline["per_kind"])
-    print(f"{'method':<17} {'FLOPs':>6}" + "".join(f" {k[:15]:>15}" for k in kinds))
-    print(f"{'unchanged':<17} {'100%':>6}" + "".join(f" {baseline['per_kind'][k]['accuracy']:>15.1%}" for k in kinds))
+    print(f"{'method':<{w}} {'FLOPs':>6}" + "".join(f" {k[:15]:>15}" for k in kinds))
+    print(f"{'unchanged':<{w}} {'100%':>6}" + "".join(f" {baseline['per_kind'][k]['accuracy']:>15.1%}" for k in kinds))
     for name in names:
         done = [r for r in runs if r["method"] == name and r["result"] is not None]
         if not done:
             continue
         row = min(done, key=lambda r: r["budget"])
         used = row["result"]["prefill_flops"] / baseline["prefill_flops"]
-        print(f"{name:<17} {used:>6.1%}" + "".join(f" {row['result']['per_kind'][k]['accuracy']:>15.1%}" for k in kinds))
+        print(f"{name:<{w}} {used:>6.1%}" + "".join(f" {row['result']['per_kind'][k]['accuracy']:>15.1%}" for k in kinds))
     print(f"\nEqual compute: fewer frames without AIM vs all {frames} frames with AIM (or its merging alone) "
           f"at the same LLM prefill FLOPs (% of the unchanged model on {frames} frames)")
 

@@ -9,6 +9,9 @@ is ``apply_aim(model, enabled=False)``, the unchanged forward):
     baseline      no merging, no pruning
     merge-only    AIMConfig(prune=False): each frame merged to 25%
     merge+prune   AIMConfig(): the paper's defaults (merge to 25%, prune from half depth)
+    temporal+merge  AIMConfig(temporal_keep=0.5, prune=False): each later frame first keeps the half
+                  of its tokens least like the frame before (the rest merge into it), then each
+                  frame is merged to 25% of what it kept
 
 For each: prefill wall time (median of ``--repeats`` after ``--warmup`` runs) end to end and of the
 LLM part alone (the text decoder's forward, which includes AIM's merging and importance work),
@@ -54,6 +57,7 @@ CONFIGS = {
     "baseline": AIMConfig(enabled=False),
     "merge-only": AIMConfig(prune=False),
     "merge+prune": AIMConfig(),
+    "temporal+merge": AIMConfig(temporal_keep=0.5, prune=False),
 }
 GOAL = 0.8  # measured speedup >= GOAL x analytic ratio
 MiB = 2**20
@@ -320,6 +324,7 @@ def _device_name(device: str) -> str:
 def format_result(result: dict) -> str:
     rows = result["rows"]
     names = list(rows)
+    width = max(14, *(len(n) + 2 for n in names))  # one column per configuration
     lines = [
         f"Model   {result['model']}",
         f"Input   {result['input']}",
@@ -327,12 +332,12 @@ def format_result(result: dict) -> str:
         f"run(s) per configuration (round-robin) after {result['warmup']} short warm-up run(s) each",
         f"Memory  {result['memory']}",
         "",
-        f"{'':<38}" + "".join(f"{n:>14}" for n in names),
+        f"{'':<38}" + "".join(f"{n:>{width}}" for n in names),
     ]
 
     def line(label, fmt, key=None, fn=None):
         values = [fn(rows[n]) if fn else rows[n][key] for n in names]
-        lines.append(f"{label:<38}" + "".join(f"{fmt.format(v):>14}" for v in values))
+        lines.append(f"{label:<38}" + "".join(f"{fmt.format(v):>{width}}" for v in values))
 
     line("LLM tokens, first / last layer", "{}", fn=lambda r: "{} / {}".format(*r["llm_tokens_first_last_layer"]))
     line("prefill time, end to end (s)", "{:.3f}", "total_s")

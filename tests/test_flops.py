@@ -203,6 +203,27 @@ def test_analytic_matches_counted_flops(family, attn):
     assert kv_bytes == aim.kv_cache_bytes
 
 
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_analytic_temporal_merging_matches_the_engine(family):
+    config = AIMConfig(temporal_keep=0.5, temporal_window=2, merge_keep=0.5, prune_start=1, prune_step=0.25)
+    model = build_tiny_model(family, num_layers=NUM_LAYERS, seed=0)
+    inputs = make_inputs(model, kind="video", num_frames=4, text_lengths=(10,))
+    described = _described(family, model, inputs)
+    apply_aim(model, config)
+    try:
+        counted = counted_decoder_flops(model, inputs)
+        stats = last_stats(model)
+    finally:
+        remove_aim(model)
+    aim = F.estimate(model.config, described, config, dtype="float32")
+    assert stats.visual_tokens_after_merge == [aim.visual_tokens_in_llm]
+    assert aim.visual_tokens_in_llm < F.estimate(model.config, described, config.replace(temporal_keep=1.0)).visual_tokens_in_llm
+    assert [row[0] for row in stats.tokens_per_layer] == aim.tokens_per_layer
+    assert rel(aim.prefill_flops, counted) < 0.02
+    with pytest.raises(ValueError, match="depend on the pixels"):
+        F.estimate(model.config, described, AIMConfig(temporal_threshold=0.9))
+
+
 def test_mask_mode_saves_nothing_and_the_model_says_so():
     model = build_tiny_model("llava_onevision", "sdpa", num_layers=NUM_LAYERS)
     inputs = make_inputs(model, kind="video", num_frames=4, text_lengths=(10,))

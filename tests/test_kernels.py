@@ -29,6 +29,7 @@ triton = pytest.importorskip("triton")
 
 from aim import dispatch, merge, prune  # noqa: E402
 from aim.merge import best_match_reference, merge_tokens  # noqa: E402
+from aim.temporal import temporal_destinations, temporal_matches  # noqa: E402
 from aim.prune import pagerank_importance_reference  # noqa: E402
 from aim.kernels import importance, matching  # noqa: E402
 
@@ -130,6 +131,21 @@ def test_best_match_ties_go_to_lowest_index():
     score, index = best_match_triton(set_a, set_b)
     assert index.tolist() == [[5, 5]] and torch.equal(index, best_match_reference(set_a, set_b)[1])
     torch.testing.assert_close(score, torch.ones_like(score))
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_temporal_merging_with_triton_backend(monkeypatch, window):
+    # temporal merging's hot loop is the frame-against-earlier-frames matching: the same kernel
+    frames = _randn(6, 36, 24, seed=9)
+    frames[1:] = frames[:1] + 0.3 * frames[1:]  # frames that repeat the first, as video does
+    monkeypatch.setenv("AIM_BACKEND", "torch")
+    ref_score, ref_target = temporal_matches(frames, window)
+    ref = temporal_destinations(frames, keep=0.25, window=window)
+    monkeypatch.setenv("AIM_BACKEND", "triton")
+    score, target = temporal_matches(frames, window)
+    assert torch.equal(target, ref_target)
+    torch.testing.assert_close(score, ref_score)
+    assert torch.equal(temporal_destinations(frames, keep=0.25, window=window), ref)
 
 
 def test_merge_tokens_with_triton_backend(monkeypatch):

@@ -44,6 +44,21 @@ class Family:
         """Position ids for ``rotary_emb(hidden, ids)`` from those the decoder was called with."""
         return position_ids
 
+    def qk_modules(self, attention: Any) -> tuple[Any, Any]:
+        """The submodules of a decoder layer's attention whose outputs are its query and key states
+        before RoPE, shaped ``(batch, seq, heads * head_dim)`` or ``(batch, seq, heads, head_dim)``:
+        PageRank ranks tokens from them. Default ``q_proj`` / ``k_proj``; models with q/k norms
+        (Qwen3) return the norms, so the ranking sees the states attention uses."""
+        return attention.q_proj, attention.k_proj
+
+    def take_visual_additions(self, kwargs: dict) -> list | None:
+        """Features the decoder adds to the hidden states at the visual positions after its first
+        layers (Qwen3-VL's DeepStack). Pop them from the text decoder's keyword arguments `kwargs`
+        and return one ``(visual tokens of the chunk, hidden)`` tensor per layer from layer 0 on,
+        rows in the order of the chunk's visual positions (row-major over the batch); None where
+        the family has none. The engine merges and prunes them with the tokens they belong to."""
+        return None
+
     # --- FLOPs facts ------------------------------------------------------------------------
     supports_video: bool = False
     video_markers: int = 0  # visual tokens per video outside every frame

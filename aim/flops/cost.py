@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import AIMConfig, visual_tokens_kept
-from ..counts import group_size_after_merge
+from ..counts import group_size_after_merge, temporal_frame_sizes
 from .inputs import InputSpec
 from .model_spec import ModelSpec, load_model
 
@@ -135,6 +135,17 @@ def visual_tokens_per_layer(spec: ModelSpec, inputs: InputSpec, config: AIMConfi
         return inputs.visual_tokens, [inputs.visual_tokens] * num_layers
     ratios = config.keep_ratios(num_layers)
     groups = inputs.visual_groups
+    if config.temporal_threshold is not None:
+        raise ValueError(
+            "temporal_threshold merges as many tokens as the video repeats: its counts depend on the "
+            "pixels. Estimate with temporal_keep (a fraction), or count a real run with aim.last_stats"
+        )
+    if config.temporal_merging:
+        start, merged = 0, []
+        for count in inputs.videos:
+            merged.extend(temporal_frame_sizes(groups[start : start + count], config.temporal_keep))
+            start += count
+        groups = tuple(merged) + groups[start:]
     if config.merge_schedule:
         groups = tuple(group_size_after_merge(g, config.merge_schedule, config.merge_method) for g in groups)
     visual_in_llm = sum(groups) + inputs.marker_tokens

@@ -22,6 +22,8 @@ class InputSpec:
             never merged, but they count as visual tokens for pruning, as in the engine.
         vision_patches: patches of each vision-tower pass (image, frame or temporal slice), for
             the vision estimate; empty: no estimate.
+        videos: how many consecutive groups (from the first) form each video, in time order (what
+            temporal merging works across); groups after them are images.
         description: a readable summary.
     """
 
@@ -30,10 +32,14 @@ class InputSpec:
     marker_tokens: int = 0
     vision_patches: tuple[int, ...] = ()
     description: str = ""
+    videos: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "visual_groups", tuple(int(g) for g in self.visual_groups))
         object.__setattr__(self, "vision_patches", tuple(int(p) for p in self.vision_patches))
+        object.__setattr__(self, "videos", tuple(int(v) for v in self.videos))
+        if any(v < 1 for v in self.videos) or sum(self.videos) > len(self.visual_groups):
+            raise ValueError(f"videos {self.videos} must count >= 1 groups each, at most the {len(self.visual_groups)} groups")
         if not isinstance(self.text_tokens, int) or self.text_tokens < 0:
             raise ValueError(f"text_tokens must be an integer >= 0, got {self.text_tokens!r}")
         if any(g < 0 for g in self.visual_groups):
@@ -98,6 +104,7 @@ def video_input(model: Any, frames: int, tokens_per_frame: int | None = None, te
         marker_tokens=spec.video_markers,
         vision_patches=(patches,) * groups if patches else (),
         description=desc + f" + {text_tokens} text tokens",
+        videos=(groups,),
     )
 
 

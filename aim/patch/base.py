@@ -130,8 +130,9 @@ class Controller:
 
     def _projections(self):
         for layer in self.text_model.layers:
-            yield "q", layer.self_attn.q_proj
-            yield "k", layer.self_attn.k_proj
+            query, key = self.family.qk_modules(layer.self_attn)
+            yield "q", query
+            yield "k", key
 
     def install(self) -> None:
         mm = self.multimodal
@@ -179,7 +180,7 @@ class Controller:
                     "Pass input_ids (and pixel values) instead."
                 )
             return None
-        pairs = [(tid, g) for tid, g in zip(token_ids, groups) if tid is not None]
+        pairs = [(tid, g, modality == "video") for tid, g, modality in zip(token_ids, groups, ("image", "video")) if tid is not None]
         layout = build_layout(state.input_ids, pairs)
         if not layout.visual.any():
             return None
@@ -217,18 +218,19 @@ class FeatureGroups:
             return None
         return match_item_groups(output.pooler_output, entry[1], entry[2])
 
-    def of(self, outputs: list) -> list[torch.Tensor]:
-        """Merge groups (indices into the modality's concatenated features) of recorded outputs."""
-        groups: list[torch.Tensor] = []
+    def of(self, outputs: list) -> list[list[torch.Tensor]]:
+        """Merge groups (indices into the modality's concatenated features) of recorded outputs,
+        one list per item (image / video, a video's groups in time order)."""
+        items_out: list[list[torch.Tensor]] = []
         offset = 0
         for output in outputs:
             items = output.pooler_output
             item_groups = self.item_groups(output)
             if item_groups is None:
                 raise NotImplementedError(CHUNKED_PREFILL)
-            groups.extend(g + offset for g in flatten_item_groups(items, item_groups))
+            items_out.extend([g + offset for g in groups] for groups in flatten_item_groups(items, item_groups))
             offset += sum(item.shape[0] for item in items)
-        return groups
+        return items_out
 
 
 class MultimodalForward:

@@ -1,0 +1,116 @@
+"""Merging applied to a prompt chunk in the engine: before the LLM (temporal, then per frame /
+crop) and, with ``prune_action="merge"``, inside it (pruned tokens merge into kept ones).
+
+Both work on a `aim.tokens.TokenSet` in place: the features of the tokens that stay become the
+size-weighted means of what merged into them (hidden states and carried features such as
+Qwen3-VL's DeepStack features alike), their sizes add up, and `TokenSet.keep` drops the rest.
+A token that stays keeps its own position, so positions stay those of the input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .baselines import reduce_groups
+from .config import AIMConfig
+from .layout import VisualLayout
+from .merge import best_match
+from .temporal import merge_into, temporal_destinations
+from .tokens import TokenSet
+
+
+def merge_before_llm(tokens: TokenSet, layout: VisualLayout, config: AIMConfig, generator: torch.Generator) -> None:
+    """Temporal merging of each video (when configured), then the per-frame / per-crop step of
+    `config.merge_method`, on the chunk's visual tokens; every other token stays as it is."""
+    tokens.hidden = tokens.hidden.clone()
+    if tokens.extras is not None:
+        tokens.extras = tokens.extras.clone()
+    keep = tokens.valid.clone()
+    device = tokens.hidden.device
+    for sample, sample_groups in enumerate(layout.groups):
+        groups = [g.to(device) for g in sample_groups]
+        if config.temporal_merging:
+            for video in layout.videos[sample] if sample < len(layout.videos) else ():
+                _merge_video(tokens, sample, groups, video, config, keep)
+        if config.merge_schedule:
+            _merge_groups(tokens, sample, groups, config, keep, generator)
+    tokens.keep(keep)
+
+
+def _values(tokens: TokenSet, sample: int, positions: torch.Tensor) -> torch.Tensor:
+    """Hidden states with the carried features appended, at `positions` of `sample`."""
+    values = tokens.hidden[sample, positions]
+    if tokens.extras is None:
+        return values
+    return torch.cat([values, tokens.extras[sample, positions].to(values.dtype)], dim=-1)
+
+
+def _store(tokens: TokenSet, sample: int, positions: torch.Tensor, values: torch.Tensor, sizes: torch.Tensor) -> None:
+    dim = tokens.hidden.shape[-1]
+    tokens.hidden[sample, positions] = values[..., :dim]
+    if tokens.extras is not None:
+        tokens.extras[sample, positions] = values[..., dim:].to(tokens.extras.dtype)
+    tokens.sizes[sample, positions] = sizes
+
+
+def _merge_video(tokens, sample, groups, video, config: AIMConfig, keep) -> None:
+    frames = [groups[i] for i in video]
+    if len({f.numel() for f in frames}) != 1:
+        raise ValueError(
+            f"temporal merging needs a video's frames to hold equal token counts, got {[f.numel() for f in frames]}"
+        )
+    positions = torch.stack(frames)  # (T, n)
+    count, n = positions.shape
+    dest = temporal_destinations(
+        tokens.hidden[sample, positions], keep=config.temporal_keep,
+        threshold=config.temporal_threshold, window=config.temporal_window,
+    )
+    flat = positions.flatten()
+    values, sizes = merge_into(_values(tokens, sample, flat), tokens.sizes[sample, flat], dest)
+    _store(tokens, sample, flat, values, sizes)
+    roots = (dest == torch.arange(dest.numel(), device=dest.device)).view(count, n)
+    keep[sample, positions[~roots]] = False
+    for row, index in enumerate(video):
+        groups[index] = positions[row][roots[row]]
+
+
+def _merge_groups(tokens, sample, groups, config: AIMConfig, keep, generator) -> None:
+    """The per-frame / per-crop step: groups of equal size are reduced together."""
+    by_size: dict[int, list[torch.Tensor]] = {}
+    for positions in groups:
+        if positions.numel() >= 2:
+            by_size.setdefault(positions.numel(), []).append(positions)
+    for same_size in by_size.values():
+        stacked = torch.stack(same_size)  # (groups, n)
+        carry = tokens.extras[sample, stacked] if tokens.extras is not None else None
+        merged = reduce_groups(
+            tokens.hidden[sample, stacked], config.merge_schedule, config.merge_method, generator,
+            sizes=tokens.sizes[sample, stacked], carry=carry,
+        )
+        survivors = stacked.gather(1, merged.index)
+        values = merged.features if merged.carry is None else torch.cat([merged.features, merged.carry], dim=-1)
+        keep[sample, stacked] = False
+        keep[sample, survivors] = True
+        _store(tokens, sample, survivors, values, merged.sizes)
+
+
+def merge_pruned(tokens: TokenSet, keep: torch.Tensor) -> None:
+    """Merge every visual token that `keep` removes into the visual token that stays whose hidden
+    state is most cosine-similar (size-weighted), before `TokenSet.keep(keep)` drops it. A prompt
+    that keeps no visual token drops its pruned ones as they are."""
+    removed = tokens.valid & tokens.visual & ~keep
+    stays = tokens.valid & tokens.visual & keep
+    rows = (removed.any(1) & stays.any(1)).nonzero().flatten().tolist()
+    if not rows:
+        return
+    tokens.hidden = tokens.hidden.clone()
+    if tokens.extras is not None:
+        tokens.extras = tokens.extras.clone()
+    for b in rows:
+        kept_slots, gone_slots = stays[b].nonzero().flatten(), removed[b].nonzero().flatten()
+        _, match = best_match(tokens.hidden[b, gone_slots][None], tokens.hidden[b, kept_slots][None])
+        slots = torch.cat([kept_slots, gone_slots])
+        dest = torch.cat([torch.arange(kept_slots.numel(), device=slots.device), match[0]])
+        values, sizes = merge_into(_values(tokens, b, slots), tokens.sizes[b, slots], dest)
+        count = kept_slots.numel()
+        _store(tokens, b, kept_slots, values[:count], sizes[:count])
