@@ -33,7 +33,8 @@ from .stats import AIMStats
 from .context import capture_request, current_call
 from .tokens import CacheState, TokenSet, aim_state_of, as_aim_cache, attention_mask_4d
 
-_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
+# outputs that would need every layer at full length (MoE router logits: their auxiliary loss)
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
 _DROPPED_KWARGS = ("return_dict", "output_attentions", "output_hidden_states", "cache_position")
 
 
@@ -75,6 +76,8 @@ class AIMTextForward:
         call = current_call(controller)  # None when the text decoder is called on its own
         layout: VisualLayout | None = controller.take_layout(call)
         config: AIMConfig = call.config if call is not None else controller.config_in_effect()
+        if call is not None and call.budget is not None and layout is not None:
+            config = controller.choose(call, layout, _prompt_valid(attention_mask, input_ids, inputs_embeds))
         model = self.text_model
         num_layers = len(model.layers)
         if config.is_identity(num_layers) and aim_state_of(cache) is None:
@@ -215,6 +218,15 @@ class AIMTextForward:
                 _group_positions(layout) if kept_positions is not None else None,
             ))
         return compat.model_output(hidden, cache if use_cache else None)
+
+
+def _prompt_valid(attention_mask, input_ids, inputs_embeds) -> torch.Tensor:
+    """The chunk's ``(batch, seq)`` padding mask (all valid without one)."""
+    ids = input_ids if input_ids is not None else inputs_embeds
+    batch, length = ids.shape[:2]
+    if attention_mask is None or attention_mask.ndim != 2:
+        return torch.ones(batch, length, dtype=torch.bool, device=ids.device)
+    return attention_mask[:, -length:].to(device=ids.device, dtype=torch.bool)
 
 
 def _check_text_after_visual(visual: torch.Tensor, valid: torch.Tensor) -> None:

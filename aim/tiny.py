@@ -185,12 +185,11 @@ def make_inputs(
     placeholder = IMAGE_ID if kind == "image" else VIDEO_ID
 
     sequences, type_ids = [], []
-    for n_text, n_vis, gen in zip(text_lengths, counts, gens):
+    for sample, (n_text, n_vis, gen) in enumerate(zip(text_lengths, counts, gens)):
         text = torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (n_text,), generator=gen).tolist()
         before, after = text[: n_text // 2], text[n_text // 2 :]
         prefix = [BOS_ID] if family.tiny_bos else []
-        open_, close = ([VISION_START_ID], [VISION_END_ID]) if family.tiny_vision_markers else ([], [])
-        seq = prefix + before + open_ + [placeholder] * n_vis + close + after
+        seq = prefix + before + family.tiny_visual_span(visual, sample, kind, n_vis) + after
         sequences.append(seq)
         type_ids.append([(1 if kind == "image" else 2) if t == placeholder else 0 for t in seq])
 

@@ -367,12 +367,13 @@ def test_prefill_benchmark_quick_run():
     spec.loader.exec_module(bench)
     result = bench.run("quick", repeats=1, warmup=0, device="cpu")
     rows = result["rows"]
-    assert list(rows) == ["baseline", "merge-only", "merge+prune"]
+    assert list(rows) == ["baseline", "merge-only", "merge+prune", "temporal+merge"]
     for row in rows.values():
         assert row["kv_cache_bytes"] == row["analytic_kv_cache_bytes"]  # read from the real cache
         assert row["total_s"] > 0 and row["llm_s"] <= row["total_s"]
     assert rows["baseline"]["analytic_ratio"] == 1.0
     assert 1.0 < rows["merge-only"]["analytic_ratio"] < rows["merge+prune"]["analytic_ratio"]
+    assert rows["temporal+merge"]["analytic_ratio"] > rows["merge-only"]["analytic_ratio"]  # fewer tokens than merging alone
     assert "Goal (merge+prune)" in bench.format_result(result)
 
 

@@ -110,6 +110,14 @@ class Family:
         """A transformers config of this family with the decoder settings `text`."""
         raise NotImplementedError
 
+    def tiny_visual_span(self, visual: dict, sample: int, kind: str, count: int) -> list[int]:
+        """The prompt ids of sample `sample`'s image / video (`count` placeholders) in a tiny model's
+        prompt: the placeholders, between vision_start / vision_end where the family uses them."""
+        placeholder = IMAGE_ID if kind == "image" else VIDEO_ID
+        if self.tiny_vision_markers:
+            return [VISION_START_ID] + [placeholder] * count + [VISION_END_ID]
+        return [placeholder] * count
+
     def tiny_visual_inputs(self, model: Any, kind: str, num_frames: int, image_sizes, rand: Callable, batch: int) -> dict:
         """Random pixel inputs of one image / video per sample; ``rand(i, *shape)`` draws sample i's."""
         raise NotImplementedError

@@ -18,6 +18,7 @@ placeholders with ``masked_scatter``.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import threading
 import weakref
@@ -93,6 +94,8 @@ class Controller:
         self.active = False
         self.groups = FeatureGroups()
         self._last_stats: dict[int, AIMStats] = {}  # per thread
+        self.selector = None  # aim.budget.Selector once a profile is given
+        self.budget = None  # the model-level aim.budget.Budget, if any
 
     def checked(self, config: AIMConfig) -> AIMConfig:
         """`config` after the checks against this model (attention implementation, depth)."""
@@ -111,6 +114,31 @@ class Controller:
     def config_in_effect(self) -> AIMConfig:
         """The config calls from this thread use now: `settings` blocks first, else the model's."""
         return options_for(self).config or self.config
+
+    def budget_in_effect(self, given=None):
+        """The budget of a call: its own (`given`), a `settings` block's, the model's, or None when a
+        config was asked for explicitly (a call's or a block's config wins over the model's budget)."""
+        if given is not None:
+            return given
+        options = options_for(self)
+        if options.budget is not None:
+            return options.budget
+        return None if options.config is not None else self.budget
+
+    def choose(self, call: CallState, layout: VisualLayout, valid: torch.Tensor) -> AIMConfig:
+        """The config a budgeted call runs: the selector's choice for this input (kept on the call)."""
+        from ..budget.select import layout_specs
+
+        self.require_selector()
+        call.choice = self.selector.choose(call.budget, layout_specs(layout, valid))
+        return self.checked(call.choice.config)
+
+    def require_selector(self) -> None:
+        if self.selector is None:
+            raise ValueError(
+                "a budget needs a calibration profile: apply_aim(model, profile='profile.json') "
+                "(made by `aim calibrate`), or apply_aim(model, budget=..., profile=...)"
+            )
 
     def per_call(self, given: AIMConfig | Mapping) -> AIMConfig:
         """A per-call config: an `AIMConfig` as is, a dict as changes to the config in effect."""
@@ -248,16 +276,32 @@ class MultimodalForward:
         controller = self.controller
         options = options_for(controller)
         given = kwargs.pop("aim_config", None)
+        budget = budget_from(kwargs.pop("aim_budget", None), kwargs.pop("aim_budget_ms", None))
         config = controller.per_call(given) if given is not None else controller.config_in_effect()
         call = self.signature.bind_partial(*args, **kwargs)
         state = CallState(owner=controller, config=config, input_ids=call.arguments.get("input_ids"),
-                          record_positions=options.record_positions)
+                          record_positions=options.record_positions,
+                          budget=None if given is not None else controller.budget_in_effect(budget))
+        if state.budget is not None:
+            controller.require_selector()
         # features encoded before the forward (generate() does this) arrive as mm_encoder_outputs
         for modality, output in (call.arguments.get("mm_encoder_outputs") or {}).items():
             if modality in state.recording and output is not None:
                 state.recording[modality].append(output)
+        clock = controller.selector.clock if controller.selector is not None else None
+        start = clock() if clock is not None else 0.0
         with running(state):
             output = self.original(*args, **kwargs)
+        if state.choice is not None and state.stats is not None:
+            measured = clock() - start
+            choice = state.choice
+            controller.selector.load.observe(measured, choice.predicted_seconds / choice.load_factor)
+            state.stats.budget = {
+                "budget": choice.budget.describe(), "point": choice.point,
+                "predicted_flops_fraction": choice.predicted_flops_fraction,
+                "predicted_seconds": choice.predicted_seconds, "load_factor": choice.load_factor,
+                "measured_seconds": measured,
+            }
         if state.stats is not None:
             controller.remember(state.stats)
         return output
@@ -272,11 +316,30 @@ class Generate:
         self.original = original
         self.__wrapped__ = original
 
-    def __call__(self, *args, aim_config: AIMConfig | Mapping | None = None, **kwargs):
-        if aim_config is None:
+    def __call__(self, *args, aim_config: AIMConfig | Mapping | None = None, aim_budget: float | None = None,
+                 aim_budget_ms: float | None = None, **kwargs):
+        budget = budget_from(aim_budget, aim_budget_ms)
+        if aim_config is not None and budget is not None:
+            raise ValueError("give a call either aim_config or a budget (aim_budget / aim_budget_ms), not both")
+        if aim_config is None and budget is None:
             return self.original(*args, **kwargs)
-        with call_options(self.controller, config=self.controller.per_call(aim_config)):
+        if budget is not None:
+            with call_options(self.controller, budget=budget, config=None):
+                return self.original(*args, **kwargs)
+        with call_options(self.controller, config=self.controller.per_call(aim_config), budget=None):
             return self.original(*args, **kwargs)
+
+
+def budget_from(flops: float | None, ms: float | None):
+    """An `aim.budget.Budget` from a call's ``aim_budget`` / ``aim_budget_ms`` (None when neither)."""
+    if flops is None and ms is None:
+        return None
+    from ..budget.select import Budget
+
+    return Budget(flops=flops, ms=ms)
+
+
+_IN_FEATURES: contextvars.ContextVar = contextvars.ContextVar("aim_in_features", default=None)
 
 
 class FeatureFunction:
@@ -291,8 +354,18 @@ class FeatureFunction:
         self.__wrapped__ = original
 
     def __call__(self, *args, **kwargs):
+        if _IN_FEATURES.get() is self.controller:
+            # a feature function called by another one (Qwen3-VL's get_video_features calls
+            # get_image_features): only the outermost call describes and records its output
+            return self.original(*args, **kwargs)
+        token = _IN_FEATURES.set(self.controller)
+        try:
+            return self._record(self.original(*args, **kwargs), args, kwargs)
+        finally:
+            _IN_FEATURES.reset(token)
+
+    def _record(self, output, args, kwargs):
         controller = self.controller
-        output = self.original(*args, **kwargs)
         pooled = getattr(output, "pooler_output", None)
         if pooled is not None:
             call = self.signature.bind_partial(*args, **kwargs)
