@@ -1,4 +1,4 @@
-"""The `aim` console entry point: ``aim demo``, ``aim flops``, ``aim visualize``."""
+"""The `aim` console entry point: ``aim demo``, ``aim flops``, ``aim calibrate``, ``aim visualize``, ``aim models``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import sys
 
 from .cli_options import add_aim_options, aim_overrides
+from .budget.cli import add_calibrate_parser
 from .flops_cli import add_flops_parser, run_flops
 from .optional import MissingDependency, require
 from .study.data import NUM_FRAMES, VIDEO_KINDS
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the figures as JSON")
 
     flops = add_flops_parser(commands)
+    calibrate = add_calibrate_parser(commands)
 
     models = commands.add_parser("models", help="the supported transformers classes, their family and its file")
 
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--kind", default="motion_direction", choices=VIDEO_KINDS, help="question kind of the clip (default %(default)s)")
     vis.add_argument("--stages", type=int, default=6, help="at most this many rows: input, merged, pruning layers")
     add_aim_options(vis)
-    for command in (demo, flops, vis, models):
+    for command in (demo, flops, vis, models, calibrate):
         command.set_defaults(_command_parser=command)
     return parser
 
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 _OPTION_NAMES = {
     "merge_keep": "--merge-keep", "prune_start": "--prune-start", "prune_step": "--prune-step",
     "frames": "--frames", "repeats": "--repeats", "questions": "--questions", "index": "--index",
+    "examples": "--examples",
 }
 
 
@@ -97,6 +100,10 @@ def _run(args: argparse.Namespace, command: argparse.ArgumentParser) -> int:
         return 0
     if args.command == "flops":
         return run_flops(args)
+    if args.command == "calibrate":
+        from .budget.cli import run_calibrate
+
+        return run_calibrate(args)
     if args.command == "models":
         print(models_table())
         return 0

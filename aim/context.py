@@ -40,6 +40,8 @@ class CallState:
     record_positions: bool = False
     layout_taken: bool = False
     stats: AIMStats | None = None
+    budget: Any = None  # aim.budget.Budget of this call, if any
+    choice: Any = None  # aim.budget.Choice the engine made for it
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class CallOptions:
 
     config: AIMConfig | None = None
     record_positions: bool = False
+    budget: Any = None  # aim.budget.Budget for the calls in the block
 
 
 _CALL: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("aim_call", default=None)

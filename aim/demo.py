@@ -16,10 +16,12 @@ import time
 import torch
 
 from . import AIMConfig, apply_aim, last_stats
+from .budget.profile import PROFILE_FILE
 from .compat import output_cache
 from .study import data
 from .study.evaluate import evaluate
-from .study.model import load_default_model, model_inputs, to_inputs
+from .flops import prefill_flops
+from .study.model import DEFAULT_MODEL_DIR, load_default_model, model_inputs, to_inputs
 
 
 def _kv_bytes(cache) -> int:
@@ -37,6 +39,7 @@ def _measure(model, processor, clip, shown, questions, repeats: int) -> dict:
             out = model(**inputs, use_cache=True)
             times.append(time.perf_counter() - start)
         stats = last_stats(model)
+        point = stats.budget["point"] if stats.budget else None
         answers = []
         for example in shown:  # generate() with the KV cache, as a user would
             prompt = model_inputs(to_inputs([example], processor, model.config))
@@ -54,7 +57,12 @@ def _measure(model, processor, clip, shown, questions, repeats: int) -> dict:
         "prefill_seconds": statistics.median(times),
         "accuracy": accuracy["accuracy"],
         "answers": answers,
+        "flops": prefill_flops(model.config, stats.tokens_per_layer_of(0)),
+        "budget_point": point,
     }
+
+
+DEMO_BUDGETS = (0.5, 0.25)  # FLOPs budgets shown beside the fixed setting
 
 
 def run_demo(
@@ -63,9 +71,15 @@ def run_demo(
     questions: int = 40,
     attn_implementation: str = "sdpa",
     as_json: bool = False,
+    budgets: tuple[float, ...] = DEMO_BUDGETS,
     **aim_options,
 ) -> int:
-    """Run the demo and print the comparison; returns a process exit code."""
+    """Run the demo and print the comparison; returns a process exit code.
+
+    Columns: the unchanged model, AIM with the given options (default: the paper's settings), and,
+    where the default model's budget profile is present, the budgeted choice at each of `budgets`
+    (fractions of the unchanged model's LLM prefill FLOPs).
+    """
     for name, value in (("frames", frames), ("repeats", repeats), ("questions", questions)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -75,35 +89,50 @@ def run_demo(
     config.check_depth(layers)  # bad options fail before measuring
     test = data.dataset("test", questions, kinds=data.VIDEO_KINDS, frames=frames)
     shown = test[: len(data.VIDEO_KINDS)]  # one question of each kind
-    apply_aim(model, enabled=False)
-    baseline = _measure(model, processor, test[0], shown, test, repeats)
-    apply_aim(model, config)
-    aim = _measure(model, processor, test[0], shown, test, repeats)
+    columns = {"baseline": dict(enabled=False), "AIM": dict(config=config)}
+    profile = DEFAULT_MODEL_DIR / PROFILE_FILE
+    if profile.is_file():
+        columns.update({f"budget {b:.0%}": dict(budget=b, profile=profile) for b in budgets})
+    results = {}
+    for name, how in columns.items():
+        apply_aim(model, **how)
+        results[name] = _measure(model, processor, test[0], shown, test, repeats)
     if as_json:
-        report_dict = {"config": dataclasses.asdict(config), "setting": config.describe(layers), "baseline": baseline, "aim": aim}
+        report_dict = {"config": dataclasses.asdict(config), "setting": config.describe(layers),
+                       "baseline": results["baseline"], "aim": results["AIM"],
+                       "budgets": {name: r for name, r in results.items() if name.startswith("budget")}}
         print(json.dumps(report_dict, indent=2))
         return 0
-    print(report(model, frames, questions, repeats, attn_implementation, config, baseline, aim, shown))
+    print(report(model, frames, questions, repeats, attn_implementation, config, results, shown, profile.is_file()))
     return 0
 
 
-def report(model, frames, questions, repeats, attn, config: AIMConfig, baseline: dict, aim: dict, shown) -> str:
+def report(model, frames, questions, repeats, attn, config: AIMConfig, results: dict, shown, budgeted: bool) -> str:
     """The demo as a readable report: what ran, the side-by-side table, then what it means."""
     layers = model.config.text_config.num_hidden_layers
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    baseline, aim = results["baseline"], results["AIM"]
     visual, total = baseline["visual_tokens_entering_llm"], baseline["tokens_entering_llm"]
+    names = list(results)
     lines = [
-        "aim demo: the same model and inputs, baseline vs AIM",
+        "aim demo: the same model and inputs, baseline vs AIM" + (" vs budgets" if budgeted else ""),
         "",
         f"Model    aim/default_model: {type(model).__name__} trained on synthetic video QA, {params:.1f}M parameters, "
         f"{layers} LLM layers, {attn} attention",
         f"Input    one synthetic {frames}-frame test clip: {visual} visual + {total - visual} text tokens = {total} tokens; "
         f"accuracy over {questions} test questions",
-        f"Setting  {config.describe(layers)}",
+        f"Setting  AIM: {config.describe(layers)}",
+    ]
+    if budgeted:
+        lines.append("Budgets  the most faithful calibrated setting whose predicted LLM prefill FLOPs for this input fit "
+                     "the budget (profile aim/default_model/aim_profile.json, calibrated on validation clips)")
+        for name in names[2:]:
+            lines.append(f"  {name}: {results[name]['budget_point']}")
+    lines += [
         f"Machine  {_device()}, {torch.get_num_threads()} torch threads; prefill = one forward over the prompt "
         f"(vision tower included), median of {repeats}",
         "",
-        f"{'':34s}{'baseline':>12s}{'AIM':>12s}{'ratio':>9s}",
+        f"{'':34s}" + "".join(f"{n:>12s}" for n in names),
     ]
     rows = [
         ("visual tokens from the vision tower", "visual_tokens_before_merge", 1, "{:.0f}"),
@@ -115,15 +144,17 @@ def report(model, frames, questions, repeats, attn, config: AIMConfig, baseline:
         ("prefill time (ms)", "prefill_seconds", 1000, "{:.1f}"),
     ]
     for label, key, scale, fmt in rows:
-        b, a = baseline[key] * scale, aim[key] * scale
-        lines.append(f"{label:34s}{fmt.format(b):>12s}{fmt.format(a):>12s}{b / a if a else float('inf'):>8.2f}x")
-    lines.append(f"{f'accuracy ({questions} test questions)':34s}{baseline['accuracy']:>12.1%}{aim['accuracy']:>12.1%}")
+        lines.append(f"{label:34s}" + "".join(f"{fmt.format(results[n][key] * scale):>12s}" for n in names))
+    lines.append(f"{'LLM prefill FLOPs, % of baseline':34s}"
+                 + "".join(f"{results[n]['flops'] / baseline['flops']:>12.1%}" for n in names))
+    lines.append(f"{f'accuracy ({questions} test questions)':34s}" + "".join(f"{results[n]['accuracy']:>12.1%}" for n in names))
     lines += ["", "answers (generate, greedy, one question of each kind):"]
-    for example, b, a in zip(shown, baseline["answers"], aim["answers"]):
-        lines.append(f"  {example.question:<50s} truth {example.answer:<10s} baseline {b:<10s} AIM {a}")
-    lines += ["", "tokens per LLM layer:", f"{'layer':>7s}{'baseline':>10s}{'AIM':>8s}"]
-    for layer, (b, a) in enumerate(zip(baseline["tokens_per_layer"], aim["tokens_per_layer"])):
-        lines.append(f"{layer:>7d}{b:>10d}{a:>8d}")
+    for i, example in enumerate(shown):
+        lines.append(f"  {example.question:<50s} truth {example.answer:<10s} "
+                     + " ".join(f"{n} {results[n]['answers'][i]:<8s}" for n in names))
+    lines += ["", "tokens per LLM layer:", f"{'layer':>7s}" + "".join(f"{n:>12s}" for n in names)]
+    for layer in range(layers):
+        lines.append(f"{layer:>7d}" + "".join(f"{results[n]['tokens_per_layer'][layer]:>12d}" for n in names))
     compute = baseline["tokens_all_layers"] / aim["tokens_all_layers"]
     speed = baseline["prefill_seconds"] / aim["prefill_seconds"]
     change = aim["accuracy"] - baseline["accuracy"]
@@ -134,9 +165,15 @@ def report(model, frames, questions, repeats, attn, config: AIMConfig, baseline:
         f"{'fell' if change < 0 else 'rose' if change > 0 else 'stayed'} from {baseline['accuracy']:.1%} to {aim['accuracy']:.1%}"
         f"{f' ({change * 100:+.1f} points)' if change else ''}. At {total} tokens this model is so small that fixed per-layer "
         "overheads dominate prefill time, so the time ratio stays below the token ratio (benchmarks/prefill.py measures a "
-        "realistic width); on this small model pruning costs accuracy that merging alone does not "
-        "(try --no-prune; README: accuracy vs FLOPs).",
+        "realistic width).",
     ]
+    for name in names[2:]:
+        r = results[name]
+        delta = r["accuracy"] - baseline["accuracy"]
+        lines.append(
+            f"With {name} of the FLOPs, aim chose '{r['budget_point']}': {r['flops'] / baseline['flops']:.0%} of the FLOPs, "
+            f"accuracy {r['accuracy']:.1%} ({delta * 100:+.1f} points against the unchanged model)."
+        )
     return "\n".join(lines)
 
 

@@ -25,6 +25,8 @@ class AIMStats:
             each pruning layer's index; positions are indices into the prompt as given.
         visual_groups: only when recording: ``[sample][group]`` the prompt positions of each
             frame / crop before merging (row-major), to map positions back to frames.
+        budget: only for a budgeted call (`aim.budget`): the budget, the point that ran, its
+            predicted FLOPs fraction and seconds, the load factor and the measured seconds.
     """
 
     input_tokens: list[int]
@@ -37,6 +39,7 @@ class AIMStats:
     mode: str
     kept_visual_positions: list[tuple[object, list[list[int]]]] | None = None
     visual_groups: list[list[list[int]]] | None = None
+    budget: dict | None = None
 
     def tokens_per_layer_of(self, sample: int) -> list[int]:
         """``[layer]`` tokens each decoder layer processed for prompt ``sample`` of the batch."""

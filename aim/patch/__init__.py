@@ -36,12 +36,27 @@ def family_for(model: torch.nn.Module) -> Family:
     return family
 
 
-def apply_aim(model: torch.nn.Module, config: AIMConfig | Mapping | None = None, **overrides) -> torch.nn.Module:
+def apply_aim(
+    model: torch.nn.Module,
+    config: AIMConfig | Mapping | None = None,
+    *,
+    budget: float | None = None,
+    budget_ms: float | None = None,
+    profile=None,
+    **overrides,
+) -> torch.nn.Module:
     """Patch `model` in place so visual tokens are merged before the LLM and pruned inside it.
 
     Args:
         model: a loaded transformers model of a supported class (see `SUPPORTED_MODELS`).
         config: an `AIMConfig` or a dict of its fields; default: the paper's settings.
+        budget: instead of a fixed config, a budget per prefill as a fraction of the unchanged
+            model's LLM prefill FLOPs: each call runs the most faithful calibrated setting whose
+            cost for that input fits (`aim.budget`). Needs a profile.
+        budget_ms: the same with a prefill latency budget in milliseconds (time to first token).
+        profile: an `aim.budget.Profile` or the path of one (``aim calibrate``); default: the
+            ``aim_profile.json`` saved beside the model's weights (the default model ships one).
+            Given alone, it enables per-call budgets (``generate(..., aim_budget=0.3)``).
         **overrides: fields of `AIMConfig` to change, e.g. ``merge_keep=0.25, prune_start=14``.
 
     Applying again re-configures the existing patch (never patches twice). A single call can use
@@ -50,22 +65,52 @@ def apply_aim(model: torch.nn.Module, config: AIMConfig | Mapping | None = None,
     """
     family = family_for(model)
     compat.warn_if_untested()
+    from .base import budget_from
+
+    chosen_budget = budget_from(budget, budget_ms)
+    if chosen_budget is not None and (config is not None or overrides):
+        raise ValueError("give apply_aim either a config (or AIM options) or a budget, not both")
     config = as_config(config) or AIMConfig()
     if overrides:
         config = config.replace(**overrides)
+    selector = _selector(model, profile) if (profile is not None or chosen_budget is not None) else None
     controller: Controller | None = getattr(multimodal_of(model), "_aim", None)
     if controller is not None:
         if controller.owner is not model:
             raise ValueError(_other_owner(model, controller))
         controller.configure(config)
         logger.info("AIM re-configured on %s: %s", type(model).__name__, config)
-        return model
-    controller = Controller(model, family, config)
-    controller.install()
-    for holder in {id(model): model, id(controller.multimodal): controller.multimodal}.values():
-        holder._aim = controller
-    logger.info("AIM applied to %s: %s", type(model).__name__, config)
+    else:
+        controller = Controller(model, family, config)
+        controller.install()
+        for holder in {id(model): model, id(controller.multimodal): controller.multimodal}.values():
+            holder._aim = controller
+        logger.info("AIM applied to %s: %s", type(model).__name__, config)
+    if selector is not None:
+        controller.selector = selector
+    controller.budget = chosen_budget
     return model
+
+
+def _selector(model: torch.nn.Module, profile):
+    """A budget selector for `model` from `profile` (a Profile, a path, or None: beside the weights)."""
+    from pathlib import Path
+
+    from ..budget import PROFILE_FILE, Profile, Selector
+    from ..flops import load_model
+
+    if profile is None:
+        folder = Path(str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")))
+        if not (folder / PROFILE_FILE).is_file():
+            raise ValueError(
+                f"no calibration profile for this model ({PROFILE_FILE} not found beside its weights in "
+                f"'{folder}'); make one with `aim calibrate MODEL_PATH --out profile.json` and pass profile=..."
+            )
+        profile = folder / PROFILE_FILE
+    if not isinstance(profile, Profile):
+        profile = Profile.load(profile)
+    profile.check_model(model.config)
+    return Selector(profile, load_model(model.config))
 
 
 def remove_aim(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,124 @@
+"""Calibration: run unlabeled inputs through the unchanged model and every candidate configuration,
+measure a label-free fidelity and the prefill time of each, fit the latency model, keep the frontier.
+
+Fidelity needs no labels: at the position where the answer is due (the prompt's last token) it
+compares the next-token distribution with the unchanged model's: greedy agreement (same argmax)
+and KL(unchanged || candidate). Whether that tracks labelled accuracy is measured, not assumed
+(``benchmarks/budget_accuracy.py`` prints the rank correlation on the study model).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Iterable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..config import AIMConfig
+from ..flops import load_model, prefill_flops
+from ..patch import apply_aim, is_applied, last_stats, remove_aim
+from .profile import LatencyModel, Point, Profile, model_fingerprint
+from .space import Candidate, config_space
+
+logger = logging.getLogger(__name__)
+
+
+def describe_device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def _prefill(model, inputs: dict, config: AIMConfig) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=True, aim_config=config).logits[:, -1].float()
+    return logits.log_softmax(-1), time.perf_counter() - start
+
+
+def calibrate(
+    model: torch.nn.Module,
+    inputs: Sequence[dict],
+    candidates: Iterable[Candidate] | None = None,
+    repeats: int = 1,
+    description: str = "",
+    progress: bool = True,
+) -> Profile:
+    """Calibrate `model` (a supported transformers model) on `inputs` (model-input dicts of one
+    prompt each, as its processor makes them, the answer due after the last token).
+
+    Args:
+        candidates: configurations to measure (default `config_space` for the model's depth).
+        repeats: timed runs per configuration and input (the median is kept).
+        description: what the inputs are (stored in the profile).
+    Returns:
+        a `Profile` (save it with ``profile.save(path)``).
+    """
+    if not inputs:
+        raise ValueError("calibration needs at least one input")
+    if any(int(x["input_ids"].shape[0]) != 1 for x in inputs):
+        raise ValueError("calibration inputs must hold one prompt each (a request's latency is per prompt)")
+    applied_before = is_applied(model)
+    if not applied_before:
+        apply_aim(model, enabled=False)  # per-call configs need the patch; removed again at the end
+    num_layers = model.config.get_text_config().num_hidden_layers
+    video = any("pixel_values_videos" in x for x in inputs)
+    candidates = list(candidates) if candidates is not None else config_space(num_layers, video=video)
+    spec = load_model(model.config)
+    try:
+        for x in inputs[:2]:  # warm-up (allocator, kernels)
+            _prefill(model, x, AIMConfig(enabled=False))
+        reference, base_flops, samples = [], [], []
+        for x in inputs:
+            logp, took = _prefill(model, x, AIMConfig(enabled=False))
+            stats = last_stats(model)
+            reference.append(logp)
+            base_flops.append(prefill_flops(spec, stats.tokens_per_layer_of(0)))
+            samples.append((stats.tokens_per_layer_of(0), stats.visual_tokens_before_merge[0], took))
+        points = []
+        bar = tqdm(candidates, desc="calibrating", disable=not progress, unit="config")
+        for candidate in bar:
+            point = _measure(model, spec, candidate, inputs, reference, base_flops, repeats, samples)
+            if point is not None:
+                points.append(point)
+    finally:
+        if not applied_before:
+            remove_aim(model)
+    return Profile(
+        model=model_fingerprint(model.config),
+        device=describe_device(),
+        points=points,
+        latency=LatencyModel.fit(samples),
+        inputs=description or f"{len(inputs)} inputs",
+    )
+
+
+def _measure(model, spec, candidate: Candidate, inputs, reference, base_flops, repeats, samples) -> Point | None:
+    agree, kls, fractions, seconds = [], [], [], []
+    for x, ref, base in zip(inputs, reference, base_flops):
+        try:
+            times = []
+            for _ in range(max(1, repeats)):
+                logp, took = _prefill(model, x, candidate.config)
+                times.append(took)
+        except (ValueError, NotImplementedError) as err:  # e.g. pooling on non-square crops
+            logger.info("skipping %s: %s", candidate.name, err)
+            return None
+        took = sorted(times)[len(times) // 2]
+        stats = last_stats(model)
+        tokens = stats.tokens_per_layer_of(0)
+        samples.append((tokens, stats.visual_tokens_before_merge[0], took))
+        agree.append(float(logp.argmax(-1).eq(ref.argmax(-1)).float().mean()))
+        kls.append(float((ref.exp() * (ref - logp)).sum(-1).mean()))
+        fractions.append(prefill_flops(spec, tokens) / max(base, 1))
+        seconds.append(took)
+    n = len(inputs)
+    config = candidate.config
+    return Point(
+        name=candidate.name,
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
+        agreement=sum(agree) / n, kl=sum(kls) / n, flops_fraction=sum(fractions) / n, seconds=sum(seconds) / n,
+    )

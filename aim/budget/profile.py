@@ -1,0 +1,166 @@
+"""A calibration profile: measured fidelity of each configuration, the Pareto frontier of fidelity
+against cost, and a latency model of this machine, saved as JSON.
+
+Latency model: prefill time (seconds) ~= ``c + v * V + sum_l (a * n_l + b * n_l^2)``, where
+``n_l`` are the tokens decoder layer ``l`` processes and ``V`` the visual tokens the vision tower
+and projector produce (AIM does not change that part). Linear in its four coefficients, fitted by
+non-negative least squares on the calibration runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import AIMConfig
+
+PROFILE_VERSION = 1
+PROFILE_FILE = "aim_profile.json"  # the name aim looks for in a model folder
+
+
+def model_fingerprint(config: Any) -> dict:
+    """What identifies a model for a profile: its type, decoder shape and a hash of its config."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "dtype", "torch_dtype"):
+        data.pop(volatile, None)
+    text = data.get("text_config") or data
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {
+        "model_type": data.get("model_type"),
+        "num_layers": text.get("num_hidden_layers"),
+        "hidden_size": text.get("hidden_size"),
+        "config_sha256_16": digest,
+    }
+
+
+@dataclass
+class LatencyModel:
+    """Prefill seconds from token counts (see the module docstring)."""
+
+    constant: float = 0.0
+    per_visual_token: float = 0.0
+    per_token: float = 0.0
+    per_token_squared: float = 0.0
+
+    @staticmethod
+    def features(tokens_per_layer: Sequence[int], visual_tokens: int) -> list[float]:
+        return [1.0, float(visual_tokens), float(sum(tokens_per_layer)), float(sum(n * n for n in tokens_per_layer))]
+
+    def predict(self, tokens_per_layer: Sequence[int], visual_tokens: int) -> float:
+        x = self.features(tokens_per_layer, visual_tokens)
+        coef = (self.constant, self.per_visual_token, self.per_token, self.per_token_squared)
+        return sum(c * v for c, v in zip(coef, x))
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[Sequence[int], int, float]]) -> "LatencyModel":
+        """Fit on ``(tokens_per_layer, visual_tokens, seconds)`` samples (non-negative coefficients)."""
+        import torch
+
+        if len(samples) < 4:
+            raise ValueError(f"fitting the latency model needs at least 4 timed runs, got {len(samples)}")
+        x = torch.tensor([cls.features(n, v) for n, v, _ in samples], dtype=torch.float64)
+        y = torch.tensor([s for _, _, s in samples], dtype=torch.float64)
+        scale = x.abs().amax(0).clamp_min(1e-12)  # columns span 1 .. 1e8: scale, solve, unscale
+        coef = _nnls(x / scale, y) / scale
+        return cls(*coef.tolist())
+
+
+def _nnls(x, y, iterations: int = 2000):
+    """Non-negative least squares by projected gradient (4 unknowns: plenty)."""
+    import torch
+
+    coef = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1).clamp_min(0)
+    lipschitz = float(torch.linalg.matrix_norm(x.T @ x, ord=2)) or 1.0
+    for _ in range(iterations):
+        coef = (coef - (x.T @ (x @ coef - y)) / lipschitz).clamp_min(0)
+    return coef
+
+
+@dataclass
+class Point:
+    """One calibrated configuration."""
+
+    name: str
+    config: dict  # AIMConfig fields
+    agreement: float  # greedy next token equal to the unchanged model's, fraction of inputs
+    kl: float  # mean KL(unchanged || this) of the next-token distribution, nats
+    flops_fraction: float  # mean LLM prefill FLOPs / the unchanged model's, calibration inputs
+    seconds: float  # mean measured prefill time on the calibration inputs
+
+    def aim_config(self) -> AIMConfig:
+        return AIMConfig(**self.config)
+
+    @property
+    def fidelity(self) -> tuple[float, float]:
+        """Sort key, higher is better: agreement first, then lower KL."""
+        return (self.agreement, -self.kl)
+
+
+@dataclass
+class Profile:
+    """Calibration of one model on one machine (see `aim.budget.calibrate`)."""
+
+    model: dict
+    device: str
+    points: list[Point]
+    latency: LatencyModel
+    inputs: str = ""  # what the calibration ran on
+    version: int = PROFILE_VERSION
+    frontier_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.frontier_names:
+            self.frontier_names = [p.name for p in pareto_frontier(self.points)]
+
+    @property
+    def frontier(self) -> list[Point]:
+        """The undominated points, cheapest first (see `pareto_frontier`)."""
+        by_name = {p.name: p for p in self.points}
+        return [by_name[n] for n in self.frontier_names]
+
+    def check_model(self, config: Any) -> None:
+        """A clear error when this profile was made for another model."""
+        mine = model_fingerprint(config)
+        if mine != self.model:
+            raise ValueError(
+                f"this AIM profile was calibrated for another model ({self.model}), not this one ({mine}); "
+                "run `aim calibrate MODEL_PATH --out profile.json` for this model"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = dataclasses.asdict(self)
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read an AIM profile from {path}: {err}") from err
+        if data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"{path} is an AIM profile of version {data.get('version')}, this aim reads {PROFILE_VERSION}")
+        data["points"] = [Point(**p) for p in data["points"]]
+        data["latency"] = LatencyModel(**data["latency"])
+        return cls(**data)
+
+
+def pareto_frontier(points: Sequence[Point]) -> list[Point]:
+    """Points no other point beats on both cost (FLOPs fraction) and fidelity, cheapest first:
+    walking from the cheapest up, a point joins when it is strictly more faithful than every
+    cheaper point."""
+    ordered = sorted(points, key=lambda p: (p.flops_fraction, tuple(-v for v in p.fidelity)))
+    frontier: list[Point] = []
+    for point in ordered:
+        if not frontier or point.fidelity > frontier[-1].fidelity:
+            if frontier and point.flops_fraction == frontier[-1].flops_fraction:
+                frontier[-1] = point
+            else:
+                frontier.append(point)
+    return frontier

@@ -1,0 +1,149 @@
+"""Choosing a frontier point for one request, and correcting latency predictions under load.
+
+For each prefill the engine describes the input by its token counts (`input_spec`), predicts the
+cost of every frontier point *for that input* (FLOPs fraction from the FLOPs model; seconds from
+the profile's latency model times the load correction), and runs the most faithful point whose
+prediction fits the budget. Below the cheapest point: a clear error, never a silent overrun.
+
+Load correction (`LoadTracker`): after each budgeted prefill, the ratio measured / predicted
+seconds enters an exponential moving average. The factor the choice uses moves to that average
+only when it leaves a dead band around the factor in use (hysteresis), so aim moves to cheaper
+points when the machine is shared and back when the load ends, without flapping on noise.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import AIMConfig
+from ..flops import InputSpec, ModelSpec
+from .profile import Point, Profile
+from .space import flops_fraction, tokens_per_layer
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A request's budget: a fraction of the unchanged model's LLM prefill FLOPs, or prefill
+    milliseconds (time to first token)."""
+
+    flops: float | None = None
+    ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.flops is None) == (self.ms is None):
+            raise ValueError("give exactly one budget: a FLOPs fraction (budget=0.3) or milliseconds (budget_ms=250)")
+        if self.flops is not None and not 0.0 < self.flops <= 1.0:
+            raise ValueError(f"a FLOPs budget is a fraction of the unchanged model's prefill FLOPs in (0, 1], got {self.flops!r}")
+        if self.ms is not None and not self.ms > 0:
+            raise ValueError(f"a latency budget is a positive number of milliseconds, got {self.ms!r}")
+
+    def describe(self) -> str:
+        return f"{self.flops:.0%} of the prefill FLOPs" if self.flops is not None else f"{self.ms:g} ms prefill"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a budgeted prefill ran: the point, its predicted cost, and (after the call) the
+    measured prefill seconds."""
+
+    budget: Budget
+    point: str
+    config: AIMConfig
+    predicted_flops_fraction: float
+    predicted_seconds: float
+    load_factor: float
+    measured_seconds: float | None = None
+
+
+class LoadTracker:
+    """Moving average of measured / predicted prefill seconds, with hysteresis (module docstring).
+
+    Args:
+        alpha: weight of the newest ratio in the moving average.
+        band: relative dead band: the factor in use changes only when the average leaves
+            ``[factor / (1 + band), factor * (1 + band)]``.
+    """
+
+    def __init__(self, alpha: float = 0.3, band: float = 0.25) -> None:
+        self.alpha, self.band = alpha, band
+        self.average = 1.0
+        self.factor = 1.0
+        self._lock = threading.Lock()  # one model, many threads
+
+    def observe(self, measured: float, predicted: float) -> None:
+        if predicted <= 0 or measured <= 0:
+            return
+        with self._lock:
+            self.average = (1 - self.alpha) * self.average + self.alpha * measured / predicted
+            if not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
+                self.factor = self.average
+
+
+def input_spec(text_tokens: int, groups: list[int], markers: int, video_groups: list[int]) -> InputSpec:
+    """An `InputSpec` from one prompt's counts: `groups` are its frame / crop sizes, of which the
+    runs in `video_groups` (groups per video) are videos (their groups must come first)."""
+    return InputSpec(text_tokens=text_tokens, visual_groups=tuple(groups), marker_tokens=markers, videos=tuple(video_groups))
+
+
+class Selector:
+    """Chooses a frontier point per request for one model (`profile` calibrated for it)."""
+
+    def __init__(self, profile: Profile, spec: ModelSpec, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.profile = profile
+        self.spec = spec
+        self.load = LoadTracker()
+        self.clock = clock or time.perf_counter
+
+    def predict(self, point: Point, inputs: InputSpec) -> tuple[float, float]:
+        """``(FLOPs fraction, seconds before load correction)`` of `point` on `inputs`."""
+        config = point.aim_config()
+        tokens = tokens_per_layer(self.spec, inputs, config)
+        return flops_fraction(self.spec, inputs, config), self.profile.latency.predict(tokens, inputs.visual_tokens)
+
+    def choose(self, budget: Budget, inputs: list[InputSpec]) -> Choice:
+        """The most faithful frontier point whose predicted cost fits `budget` on every prompt of
+        the batch (`inputs`); a clear error when even the cheapest does not."""
+        factor = self.load.factor
+        best = None
+        cheapest = None
+        for point in self.profile.frontier:
+            costs = [self.predict(point, spec) for spec in inputs]
+            fraction = max(c[0] for c in costs)
+            seconds = max(c[1] for c in costs) * factor
+            cost = fraction if budget.flops is not None else seconds * 1000.0
+            if cheapest is None or cost < cheapest[0]:
+                cheapest = (cost, point)
+            limit = budget.flops if budget.flops is not None else budget.ms
+            if cost <= limit + 1e-12 and (best is None or point.fidelity > best[0].fidelity):
+                best = (point, fraction, seconds)
+        if best is None:
+            unit = "of the prefill FLOPs" if budget.flops is not None else "ms"
+            value = f"{cheapest[0]:.1%}" if budget.flops is not None else f"{cheapest[0]:.0f}"
+            raise ValueError(
+                f"budget {budget.describe()} is below the cheapest calibrated setting for this input "
+                f"('{cheapest[1].name}' needs {value} {unit}"
+                + ("" if budget.flops is not None else f", load factor {factor:.2f}") + "); "
+                "allowed: a budget at least that large"
+            )
+        point, fraction, seconds = best
+        return Choice(budget, point.name, point.aim_config(), fraction, seconds, factor)
+
+
+def layout_specs(layout, valid) -> list[InputSpec]:
+    """One `InputSpec` per prompt of a chunk, from its visual layout (`aim.layout.VisualLayout`)
+    and ``(batch, seq)`` padding mask: text tokens, frame / crop sizes (videos first), markers."""
+    visual = layout.visual.to(valid.device) & valid
+    specs = []
+    for sample in range(valid.shape[0]):
+        groups = layout.groups[sample] if sample < len(layout.groups) else []
+        videos = layout.videos[sample] if sample < len(layout.videos) else []
+        in_video = [i for video in videos for i in video]
+        rest = [i for i in range(len(groups)) if i not in set(in_video)]
+        sizes = [int(groups[i].numel()) for i in in_video + rest]
+        n_visual = int(visual[sample].sum())
+        specs.append(input_spec(int(valid[sample].sum()) - n_visual, sizes, n_visual - sum(sizes), [len(v) for v in videos]))
+    return specs

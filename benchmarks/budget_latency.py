@@ -1,0 +1,144 @@
+"""Latency budgets under contention: the adaptive choice vs a fixed setting chosen on a quiet machine.
+
+A stream of single-clip requests (test split) with a prefill latency budget, in three phases:
+quiet, then while a bounded background load (processes spinning on every core, which stop by
+themselves after a fixed time) shares the CPU, then quiet again. Requests alternate between
+
+    adaptive   apply_aim(model, budget_ms=B): each request runs the most faithful calibrated
+               setting predicted to fit, with predictions corrected by the measured / predicted
+               ratio of recent requests (aim.budget.LoadTracker)
+    fixed      the setting the adaptive choice picks on the quiet machine, kept for every request
+
+so both see the same load. Per phase and policy: fraction of requests within budget, p50 / p90
+of latency / budget, accuracy. The budget covers the prefill (the forward over the prompt, vision
+tower included: the time to the first token), not decoding.
+
+    python benchmarks/budget_latency.py               # the README's run
+    python benchmarks/budget_latency.py --quick       # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aim import apply_aim, last_stats, remove_aim  # noqa: E402
+from aim.budget import PROFILE_FILE, Profile  # noqa: E402
+from aim.study import data  # noqa: E402
+from aim.study.model import DEFAULT_MODEL_DIR, answer_token_ids, load_default_model, model_inputs, to_inputs  # noqa: E402
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < end:
+        x += 1
+
+
+def background_load(seconds: float, processes: int) -> list[mp.Process]:
+    """Processes that keep `processes` cores busy for `seconds`, then exit by themselves."""
+    procs = [mp.Process(target=_spin, args=(seconds,), daemon=True) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def request(model, processor, example, answer_ids, words, **call) -> tuple[float, bool, str]:
+    """One request: the prefill with its answer read from the logits; (seconds, correct, point)."""
+    inputs = model_inputs(to_inputs([example], processor, model.config))
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(**inputs, **call).logits[0, -1]
+    seconds = time.perf_counter() - start
+    answer = words[int(logits[answer_ids].argmax())]
+    stats = last_stats(model)
+    point = stats.budget["point"] if stats is not None and stats.budget else "fixed"
+    return seconds, answer == example.answer, point
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--requests", type=int, default=60, help="requests per phase and policy (default %(default)s)")
+    parser.add_argument("--budget-fraction", type=float, default=0.5,
+                        help="latency budget as a fraction of the unchanged model's quiet prefill time (default %(default)s)")
+    parser.add_argument("--load-processes", type=int, default=None, help="background processes (default: one per core)")
+    parser.add_argument("--quick", action="store_true", help="8 requests per phase")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests = 8
+    model, processor = load_default_model(args.model)
+    folder = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    profile = Profile.load(args.profile or folder / PROFILE_FILE)
+    examples = data.dataset("test", 3 * args.requests, kinds=data.VIDEO_KINDS)
+    words = list(data.ANSWER_WORDS)
+    answer_ids = answer_token_ids(processor, words)
+
+    # the unchanged model's quiet prefill time sets the budget
+    apply_aim(model, enabled=False)
+    for e in examples[:3]:
+        request(model, processor, e, answer_ids, words)
+    base = statistics.median(request(model, processor, e, answer_ids, words)[0] for e in examples[:9])
+    budget_ms = 1000 * base * args.budget_fraction
+    apply_aim(model, profile=profile)
+    first = request(model, processor, examples[0], answer_ids, words, aim_budget_ms=budget_ms)
+    fixed = next(p for p in profile.points if p.name == first[2]).aim_config()
+
+    phases = []
+    cores = args.load_processes or mp.cpu_count()
+    chunks = [examples[i * args.requests:(i + 1) * args.requests] for i in range(3)]
+    for phase, chunk in zip(("quiet", "loaded", "quiet again"), chunks):
+        procs = []
+        if phase == "loaded":
+            # long enough for this phase at the loaded pace; it ends by itself
+            procs = background_load(seconds=2 * len(chunk) * 2 * base * 3 + 5, processes=cores)
+            time.sleep(0.5)
+        rows = {"adaptive": [], "fixed": []}
+        for example in tqdm(chunk, desc=phase):
+            rows["adaptive"].append(request(model, processor, example, answer_ids, words, aim_budget_ms=budget_ms))
+            rows["fixed"].append(request(model, processor, example, answer_ids, words, aim_config=fixed))
+        for p in procs:
+            p.terminate()
+            p.join()
+        phases.append((phase, rows))
+    remove_aim(model)
+    report(base, budget_ms, first[2], phases, cores)
+    return 0
+
+
+def report(base: float, budget_ms: float, fixed_name: str, phases, cores: int) -> None:
+    print(f"Budget   {budget_ms:.1f} ms prefill ({budget_ms / 1000 / base:.0%} of the unchanged model's quiet "
+          f"{base * 1000:.1f} ms); fixed setting: {fixed_name} (the adaptive choice on the quiet machine)")
+    print(f"Load     {cores} background processes spinning during the 'loaded' phase\n")
+    print(f"{'phase':<12} {'policy':<9} {'within budget':>14} {'p50 / budget':>13} {'p90 / budget':>13} {'accuracy':>9}  settings run")
+    for phase, rows in phases:
+        for policy, results in rows.items():
+            ratios = sorted(1000 * s / budget_ms for s, _, _ in results)
+            within = sum(r <= 1.0 for r in ratios) / len(ratios)
+            p50 = ratios[len(ratios) // 2]
+            p90 = ratios[min(len(ratios) - 1, int(0.9 * len(ratios)))]
+            accuracy = sum(ok for _, ok, _ in results) / len(results)
+            counts: dict[str, int] = {}
+            for _, _, point in results:
+                counts[point] = counts.get(point, 0) + 1
+            shown = "; ".join(f"{k} x{v}" for k, v in counts.items())
+            print(f"{phase:<12} {policy:<9} {within:>14.0%} {p50:>13.2f} {p90:>13.2f} {accuracy:>9.1%}  {shown}")
+    loaded = dict(phases[1][1])
+    adaptive_within = sum(1000 * s <= budget_ms for s, _, _ in loaded["adaptive"]) / len(loaded["adaptive"])
+    fixed_within = sum(1000 * s <= budget_ms for s, _, _ in loaded["fixed"]) / len(loaded["fixed"])
+    print(f"\nGoal: >= 90% of requests within budget under load: adaptive {adaptive_within:.0%} "
+          f"({'met' if adaptive_within >= 0.9 else 'NOT met'}), fixed {fixed_within:.0%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Budget-driven inference: the frontier, per-input cost prediction, per-call budgets, the load
+correction (with an injected clock), and profile files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aim import AIMConfig, apply_aim, last_stats, remove_aim
+from aim import flops as F
+from aim.budget import Budget, Candidate, LatencyModel, LoadTracker, Point, Profile, Selector, calibrate, model_fingerprint, pareto_frontier
+from aim.budget.select import input_spec
+from aim.tiny import build_tiny_model, make_inputs
+
+CANDIDATES = [
+    Candidate("merge 0.5", AIMConfig(merge_keep=0.5, prune=False)),
+    Candidate("merge 0.25", AIMConfig(merge_keep=0.25, prune=False)),
+    Candidate("merge 0.25, prune", AIMConfig(merge_keep=0.25, prune_keep_ratios=(1.0, 0.5, 0.25, 0.0))),
+    Candidate("temporal 0.5, merge 0.25", AIMConfig(temporal_keep=0.5, merge_keep=0.25, prune=False)),
+    Candidate("prune", AIMConfig(merge_schedule=(), prune_keep_ratios=(1.0, 1.0, 0.5, 0.0))),
+]
+
+
+def _point(name, agreement, kl, fraction, config=None):
+    config = config or AIMConfig(merge_keep=max(fraction, 0.01), prune=False)
+    return Point(name, {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
+                 agreement, kl, fraction, fraction)
+
+
+def test_frontier_keeps_exactly_the_undominated_points():
+    points = [
+        _point("a", 1.0, 0.0, 1.0), _point("b", 0.9, 0.1, 0.5), _point("c", 0.8, 0.2, 0.6),  # c: dominated by b
+        _point("d", 0.9, 0.05, 0.5),  # same cost as b, more faithful: replaces it
+        _point("e", 0.5, 0.9, 0.1), _point("f", 0.4, 1.0, 0.2),  # f: dominated by e
+    ]
+    assert [p.name for p in pareto_frontier(points)] == ["e", "d", "a"]
+    # brute force: on the frontier iff no other point is at most as dear and more faithful
+    undominated = [p.name for p in points
+                   if not any(q.flops_fraction <= p.flops_fraction and q.fidelity > p.fidelity for q in points)]
+    assert sorted(undominated) == ["a", "d", "e"]
+
+
+@pytest.fixture(scope="module")
+def tiny_video():
+    model = build_tiny_model("llava_onevision", num_layers=4, seed=0)
+    inputs = [make_inputs(model, kind="video", num_frames=4, text_lengths=(6 + i,), seed=i) for i in range(4)]
+    return model, inputs
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_video):
+    model, inputs = tiny_video
+    return calibrate(model, inputs, candidates=CANDIDATES, description="tiny", progress=False)
+
+
+def test_calibration_measures_every_candidate(profile, tiny_video):
+    model, _ = tiny_video
+    assert [p.name for p in profile.points] == [c.name for c in CANDIDATES]
+    for point in profile.points:
+        assert 0.0 <= point.agreement <= 1.0 and point.kl >= 0.0 and 0 < point.flops_fraction < 1.0
+    assert profile.frontier and all(p in profile.points for p in profile.frontier)
+    assert profile.model == model_fingerprint(model.config)
+    assert all(c >= 0 for c in profile.latency.__dict__.values())
+
+
+def test_predicted_cost_equals_what_the_engine_runs(profile, tiny_video):
+    model, inputs = tiny_video
+    spec = F.load_model(model.config)
+    selector = Selector(profile, spec)
+    apply_aim(model, profile=profile)
+    try:
+        for point in profile.frontier:
+            with torch.no_grad():
+                model(**inputs[1], aim_config=point.aim_config())
+            stats = last_stats(model)
+            described = _described(model, inputs[1])
+            fraction, _ = selector.predict(point, described)
+            base = F.prefill_flops(spec, [described.total_tokens] * 4)
+            assert fraction == pytest.approx(F.prefill_flops(spec, stats.tokens_per_layer_of(0)) / base)
+    finally:
+        remove_aim(model)
+
+
+def _described(model, inputs) -> F.InputSpec:
+    n = inputs["input_ids"].shape[1]
+    return input_spec(n - 65, [16] * 4, 1, [4])  # 4 frames of 4x4 pooled tokens + the video newline
+
+
+def test_budgets_choose_per_input_and_per_call_overrides_the_model(profile, tiny_video):
+    model, inputs = tiny_video
+    apply_aim(model, budget=0.6, profile=profile)
+    try:
+        with torch.no_grad():
+            model(**inputs[0])
+            chosen = last_stats(model).budget
+            assert chosen["predicted_flops_fraction"] <= 0.6 and chosen["measured_seconds"] > 0
+            assert chosen["point"] in [p.name for p in profile.frontier]
+            model(**inputs[0], aim_budget=1.0)
+            loose = last_stats(model).budget
+            assert loose["predicted_flops_fraction"] >= chosen["predicted_flops_fraction"]
+            fits = [p for p in profile.frontier if p.flops_fraction <= 1.0]
+            assert loose["point"] == max(fits, key=lambda p: p.fidelity).name
+            out = model.generate(**inputs[0], aim_budget=0.6, max_new_tokens=2, do_sample=False)
+            assert out.shape[1] == inputs[0]["input_ids"].shape[1] + 2
+            assert last_stats(model).budget["point"] == chosen["point"]
+            with pytest.raises(ValueError, match="below the cheapest"):
+                model(**inputs[0], aim_budget=0.001)
+            with pytest.raises(ValueError, match="not both"):
+                model.generate(**inputs[0], aim_budget=0.5, aim_config=dict(prune=False))
+    finally:
+        remove_aim(model)
+
+
+def test_load_correction_moves_to_cheaper_points_and_back(tiny_video):
+    model, inputs = tiny_video
+    cheap = _point("cheap", 0.5, 1.0, 0.3, AIMConfig(merge_keep=0.05, prune_keep_ratios=(1.0, 0.0, 0.0, 0.0)))
+    dear = _point("dear", 0.9, 0.1, 0.7, AIMConfig(merge_keep=0.5, prune=False))
+    latency = LatencyModel(constant=0.0, per_token=1e-4)  # seconds from the tokens the layers process
+    profile = Profile(model_fingerprint(model.config), "test", [cheap, dear], latency)
+    now = [0.0]
+    selector = Selector(profile, F.load_model(model.config), clock=lambda: now[0])
+    spec = _described(model, inputs[0])
+    dear_ms = selector.predict(dear, spec)[1] * 1000
+    budget = Budget(ms=dear_ms * 1.3)  # the dear point fits on a quiet machine (the band is 25%)
+    assert 3 * selector.predict(cheap, spec)[1] * 1000 <= budget.ms  # and the cheap one at 3x load
+    assert selector.choose(budget, [spec]).point == "dear"
+    for _ in range(6):  # the machine is shared: prefills take 3x the prediction
+        choice = selector.choose(budget, [spec])
+        selector.load.observe(3 * choice.predicted_seconds / choice.load_factor, choice.predicted_seconds / choice.load_factor)
+    assert selector.choose(budget, [spec]).point == "cheap"
+    # a little noise around the new level does not flap
+    selector.load.observe(1.1 * 3 * 0.001, 0.001)
+    assert selector.choose(budget, [spec]).point == "cheap"
+    for _ in range(20):  # the load ends
+        choice = selector.choose(budget, [spec])
+        selector.load.observe(choice.predicted_seconds / choice.load_factor, choice.predicted_seconds / choice.load_factor)
+    assert selector.choose(budget, [spec]).point == "dear"
+
+
+def test_load_tracker_has_a_dead_band():
+    tracker = LoadTracker(alpha=0.5, band=0.25)
+    tracker.observe(1.2, 1.0)  # average 1.1: inside the band, the factor stays
+    assert tracker.factor == 1.0
+    tracker.observe(2.0, 1.0)  # average 1.55: outside
+    assert tracker.factor == pytest.approx(1.55)
+
+
+def test_profile_round_trip_and_other_model(profile, tiny_video, tmp_path):
+    model, _ = tiny_video
+    path = profile.save(tmp_path / "p.json")
+    loaded = Profile.load(path)
+    assert loaded == profile
+    other = build_tiny_model("llava_onevision", num_layers=2, seed=0)
+    with pytest.raises(ValueError, match="another model"):
+        apply_aim(other, budget=0.5, profile=path)
+    with pytest.raises(ValueError, match="aim calibrate"):
+        apply_aim(other, budget=0.5)  # no profile beside an in-memory model
+    assert not hasattr(other, "_aim") or other._aim is None
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read"):
+        Profile.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(), "exactly one"), (dict(flops=0.0), "fraction"), (dict(flops=1.5), "fraction"),
+     (dict(ms=-1), "milliseconds"), (dict(flops=0.5, ms=10), "exactly one")],
+)
+def test_bad_budgets_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Budget(**kwargs)
+
+
+def test_calibrate_command_on_a_saved_model(tmp_path, capsys):
+    from aim.cli import main
+
+    model = build_tiny_model("llava_onevision", num_layers=4, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    inputs = [make_inputs(model, kind="video", num_frames=2, text_lengths=(5 + i,), seed=i) for i in range(4)]
+    torch.save([dict(x) for x in inputs], tmp_path / "inputs.pt")
+    assert main(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "inputs.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "frontier setting" in printed and "Latency model" in printed
+    profile = Profile.load(tmp_path / "m" / "aim_profile.json")
+    assert len(profile.points) > 10 and profile.frontier
+    loaded = type(model).from_pretrained(tmp_path / "m")
+    apply_aim(loaded, budget=0.5)  # finds the profile beside the weights
+    with torch.no_grad():
+        loaded(**inputs[0])
+    assert last_stats(loaded).budget["predicted_flops_fraction"] <= 0.5
+    with pytest.raises(SystemExit):  # not a study model, no --data: a usage error
+        main(["calibrate", str(tmp_path / "m")])
+    assert "--data" in capsys.readouterr().err
