@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import threading
+import time
 import weakref
 from typing import Any, Callable, Mapping
 
@@ -31,6 +32,7 @@ from ..context import CallState, CaptureHook, call_options, current_call, option
 from ..engine import AIMTextForward
 from ..families import Family
 from ..layout import VisualLayout, build_layout, flatten_item_groups, match_item_groups
+from ..speculative import CandidateGeneratorHook, generate_with_draft, note_target_forward
 from ..stats import AIMStats
 
 ItemGroups = list[list[torch.Tensor]]
@@ -95,6 +97,7 @@ class Controller:
         self.groups = FeatureGroups()
         self._last_stats: dict[int, AIMStats] = {}  # per thread
         self.selector = None  # aim.budget.Selector once a profile is given
+        self._last_draft: dict[int, Any] = {}  # per thread: aim.speculative.DraftStats
         self.budget = None  # the model-level aim.budget.Budget, if any
 
     def checked(self, config: AIMConfig) -> AIMConfig:
@@ -151,6 +154,13 @@ class Controller:
         """Stats of the last prefill this thread ran."""
         return self._last_stats.get(threading.get_ident())
 
+    def remember_draft(self, stats) -> None:
+        self._last_draft[threading.get_ident()] = stats
+
+    def last_draft_stats(self):
+        """`aim.speculative.DraftStats` of the last drafted generation this thread ran."""
+        return self._last_draft.get(threading.get_ident())
+
     # --- installing and removing -------------------------------------------------------
     def _set(self, obj: Any, name: str, value: Any) -> None:
         self.saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
@@ -169,6 +179,10 @@ class Controller:
         self._set(mm, "forward", MultimodalForward(self, mm.forward))
         if callable(getattr(self.owner, "generate", None)):
             self._set(self.owner, "generate", Generate(self, self.owner.generate))
+        if callable(getattr(self.owner, "_get_candidate_generator", None)):
+            # the extension point of assisted generation in transformers 5.21-5.24 (aim.speculative)
+            self._set(self.owner, "_get_candidate_generator",
+                      CandidateGeneratorHook(self, self.owner._get_candidate_generator))
         for modality in ("image", "video"):
             fn = getattr(mm, f"get_{modality}_features", None)
             if fn is not None:
@@ -288,10 +302,12 @@ class MultimodalForward:
         for modality, output in (call.arguments.get("mm_encoder_outputs") or {}).items():
             if modality in state.recording and output is not None:
                 state.recording[modality].append(output)
-        clock = controller.selector.clock if controller.selector is not None else None
-        start = clock() if clock is not None else 0.0
+        clock = controller.selector.clock if controller.selector is not None else time.perf_counter
+        start = clock()
+        started = time.perf_counter()
         with running(state):
             output = self.original(*args, **kwargs)
+        note_target_forward(controller, started)
         if state.choice is not None and state.stats is not None:
             measured = clock() - start
             choice = state.choice
@@ -317,17 +333,25 @@ class Generate:
         self.__wrapped__ = original
 
     def __call__(self, *args, aim_config: AIMConfig | Mapping | None = None, aim_budget: float | None = None,
-                 aim_budget_ms: float | None = None, **kwargs):
+                 aim_budget_ms: float | None = None, aim_draft: torch.nn.Module | None = None,
+                 aim_draft_tokens: int | None = None, **kwargs):
         budget = budget_from(aim_budget, aim_budget_ms)
         if aim_config is not None and budget is not None:
             raise ValueError("give a call either aim_config or a budget (aim_budget / aim_budget_ms), not both")
+        if aim_draft_tokens is not None and aim_draft is None:
+            raise ValueError("aim_draft_tokens sets how many tokens the draft proposes: give aim_draft too")
+        def run(*a, **k):
+            if aim_draft is None:
+                return self.original(*a, **k)
+            # speculative decoding with a text-only draft (aim.speculative)
+            return generate_with_draft(self.controller, self.original, a, k, aim_draft, aim_draft_tokens)
         if aim_config is None and budget is None:
-            return self.original(*args, **kwargs)
+            return run(*args, **kwargs)
         if budget is not None:
             with call_options(self.controller, budget=budget, config=None):
-                return self.original(*args, **kwargs)
+                return run(*args, **kwargs)
         with call_options(self.controller, config=self.controller.per_call(aim_config), budget=None):
-            return self.original(*args, **kwargs)
+            return run(*args, **kwargs)
 
 
 def budget_from(flops: float | None, ms: float | None):

@@ -1,0 +1,80 @@
+"""Speculative decoding with a text-only draft: the target's own output, the draft never sees
+visual inputs, with and without AIM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from aim import apply_aim, remove_aim
+from aim.speculative import last_draft_stats, visual_token_ids
+from aim.tiny import build_tiny_model, make_inputs
+
+PRUNING = dict(merge_keep=0.5, prune_keep_ratios=(1.0, 0.5, 0.25, 0.0))
+GREEDY = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, suppress_tokens=list(range(8)))
+
+
+def tiny_draft(model, seed: int = 0):
+    torch.manual_seed(seed)
+    vocab = model.config.get_text_config().vocab_size
+    config = tf.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)
+    return tf.Qwen2ForCausalLM(config).eval()
+
+
+class DraftSpy:
+    """Forward pre-hook: every call the draft receives, for checking what it saw."""
+
+    def __init__(self, draft):
+        self.calls = []
+        draft.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.calls.append(kwargs)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("aim_on", [False, True], ids=["draft-only", "aim+draft"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_output_is_the_targets_and_the_draft_sees_text_only(family, aim_on, k):
+    model = build_tiny_model(family, num_layers=4, seed=0)
+    inputs = make_inputs(model, kind="video", num_frames=4, text_lengths=(6,))
+    draft = tiny_draft(model)
+    spy = DraftSpy(draft)
+    apply_aim(model, **(PRUNING if aim_on else dict(enabled=False)))
+    try:
+        with torch.no_grad():
+            reference = model.generate(**inputs, **GREEDY)
+            drafted = model.generate(**inputs, **GREEDY, aim_draft=draft, aim_draft_tokens=k)
+        assert torch.equal(drafted, reference)  # token for token the target's greedy output
+        stats = last_draft_stats(model)
+        assert stats.new_tokens == 9 and stats.rounds + stats.accepted == stats.new_tokens
+        assert stats.drafted <= stats.rounds * k and stats.block_efficiency >= 1.0
+        assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
+        visual = torch.tensor(visual_token_ids(model.config))
+        assert spy.calls
+        for call in spy.calls:
+            assert not torch.isin(call["input_ids"], visual).any()
+            assert not any(k.startswith(("pixel", "image_", "video_", "mm_")) for k in call)
+    finally:
+        remove_aim(model)
+
+
+def test_sampling_runs_and_bad_drafts_are_clear_errors():
+    model = build_tiny_model("llava_onevision", num_layers=2, seed=0)
+    inputs = make_inputs(model, kind="video", num_frames=2, text_lengths=(5,))
+    apply_aim(model)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=True, aim_draft=tiny_draft(model))
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    other = tf.Qwen2ForCausalLM(tf.Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(**inputs, max_new_tokens=2, aim_draft=other)
+    with pytest.raises(ValueError, match="aim_draft_tokens"):
+        model.generate(**inputs, max_new_tokens=2, aim_draft=tiny_draft(model), aim_draft_tokens=0)
+    with pytest.raises(ValueError, match="give aim_draft too"):
+        model.generate(**inputs, max_new_tokens=2, aim_draft_tokens=3)
+    remove_aim(model)
+    assert "_get_candidate_generator" not in model.__dict__
