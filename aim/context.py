@@ -59,19 +59,30 @@ _OPTIONS: contextvars.ContextVar[Mapping[Any, CallOptions]] = contextvars.Contex
 _CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("aim_capture", default=None)
 
 
-def current_call(owner: Any) -> CallState | None:
-    """The call of `owner` in progress in this context (None outside one, or for another model)."""
-    state = _CALL.get()
-    return state if state is not None and state.owner is owner else None
+def owned(var: contextvars.ContextVar, owner: Any):
+    """The value of `var` in this context if it belongs to `owner` (its ``.owner``), else None."""
+    value = var.get()
+    return value if value is not None and value.owner is owner else None
 
 
 @contextlib.contextmanager
-def running(state: CallState) -> Iterator[CallState]:
-    token = _CALL.set(state)
+def scoped(var: contextvars.ContextVar, value):
+    """`var` set to `value` for the block, in this context only."""
+    token = var.set(value)
     try:
-        yield state
+        yield value
     finally:
-        _CALL.reset(token)
+        var.reset(token)
+
+
+def current_call(owner: Any) -> CallState | None:
+    """The call of `owner` in progress in this context (None outside one, or for another model)."""
+    return owned(_CALL, owner)
+
+
+def running(state: CallState):
+    """Make `state` the call in progress for the block."""
+    return scoped(_CALL, state)
 
 
 def options_for(owner: Any) -> CallOptions:

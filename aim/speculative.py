@@ -23,14 +23,15 @@ neither merges nor prunes them, and rejected tokens are cropped from every layer
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
+
+from .context import owned, scoped
 
 DEFAULT_DRAFT_TOKENS = 5
 
@@ -86,17 +87,11 @@ _RUN: contextvars.ContextVar[DraftRun | None] = contextvars.ContextVar("aim_draf
 
 
 def current_run(owner: Any) -> DraftRun | None:
-    run = _RUN.get()
-    return run if run is not None and run.owner is owner else None
+    return owned(_RUN, owner)
 
 
-@contextlib.contextmanager
-def drafting(run: DraftRun) -> Iterator[DraftRun]:
-    token = _RUN.set(run)
-    try:
-        yield run
-    finally:
-        _RUN.reset(token)
+def drafting(run: DraftRun):
+    return scoped(_RUN, run)
 
 
 def note_target_forward(owner: Any, started: float) -> None:

@@ -29,6 +29,11 @@ whose cheapest setting is above a budget is reported as unreachable there; a set
 visual tokens in fewer than half of the LLM layers is marked (it answers from little or no
 visual evidence).
 
+Third part, more frames at equal compute (FlashVID's experiment): clips of 2x and 4x the frames
+(the same question kinds, rendered with more frames) through AIM, temporal+merge and merging alone,
+each tuned to the unchanged model's LLM prefill FLOPs on the standard clip length; the unchanged
+model on the longer clips (at 2x / 4x the compute) is shown beside them.
+
 Second part, the paper's equal-compute claim: the unchanged model on fewer frames (every 2nd /
 4th frame) against AIM (and merging alone) on all frames at the same LLM prefill FLOPs; the
 vision tower, which AIM does not change, is reported beside it, since it still encodes all frames.
@@ -162,9 +167,12 @@ def few_visual_layers(model, spec: F.InputSpec, config: AIMConfig | None) -> boo
     return 2 * sum(layer.visual_tokens > 0 for layer in layers) < len(layers)
 
 
-def run(model, processor, examples, config: AIMConfig | None, batch_size: int) -> dict:
-    """Accuracy (overall and per kind) and mean measured LLM prefill FLOPs of one setting."""
+def run(model, processor, examples, config: AIMConfig | None, batch_size: int, **apply) -> dict:
+    """Accuracy (overall and per kind) and mean measured LLM prefill FLOPs of one setting (`config`,
+    or `apply_aim` keywords such as ``budget=0.3, profile=...``); for a budget, ``points`` counts
+    the requests each calibrated setting served."""
     flops: list[int] = []
+    points: dict[str, int] = {}
 
     def record(module, args, output):
         stats = last_stats(module)
@@ -172,9 +180,14 @@ def run(model, processor, examples, config: AIMConfig | None, batch_size: int) -
             record.seen = stats
             for i in range(len(stats.input_tokens)):
                 flops.append(F.prefill_flops(module.config, stats.tokens_per_layer_of(i)))
+            if stats.budget is not None:
+                points[stats.budget["point"]] = points.get(stats.budget["point"], 0) + len(stats.input_tokens)
 
     record.seen = None
-    apply_aim(model, config if config is not None else AIMConfig(enabled=False))
+    if apply:
+        apply_aim(model, **apply)
+    else:
+        apply_aim(model, config if config is not None else AIMConfig(enabled=False))
     handle = model.register_forward_hook(record)
     try:
         result = evaluate(model, processor, examples, batch_size=batch_size)
@@ -184,6 +197,7 @@ def run(model, processor, examples, config: AIMConfig | None, batch_size: int) -
     if len(flops) != len(examples):
         raise RuntimeError(f"recorded {len(flops)} prefills for {len(examples)} examples")
     result["prefill_flops"] = sum(flops) / len(flops)
+    result["points"] = points
     return result
 
 
@@ -256,9 +270,26 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = run(model, processor, examples, config, args.batch_size) if config else None
         frame_rows.append(row)
 
+    more_rows = []
+    for factor in (2, 4):
+        longer = data.dataset("test", args.examples, kinds=data.VIDEO_KINDS, frames=frames * factor)
+        long_spec = F.video_input(model.config, frames * factor, text_tokens=spec.text_tokens)
+        long_base = analytic(model, long_spec, None).prefill_flops
+        budget = baseline_flops / long_base  # the standard clip's compute, as a fraction of the longer clip's
+        row = dict(frames=frames * factor, budget=budget,
+                   unchanged=run(model, processor, longer, None, args.batch_size))
+        for name in ("AIM", "temporal+merge", "merge only"):
+            config = tune(by_name[name], model, long_spec, budget, long_base)
+            result = run(model, processor, longer, config, args.batch_size) if config else None
+            if result is not None:  # FLOPs relative to the unchanged model on the standard clips
+                result["flops_vs_standard"] = result["prefill_flops"] / baseline["prefill_flops"]
+            row[name] = result
+        more_rows.append(row)
+
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(baseline=baseline, runs=runs, frames=frame_rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(baseline=baseline, runs=runs, frames=frame_rows, more_frames=more_rows), indent=1))
     report(args, spec, examples, baseline, runs, frame_rows, chance, frames)
+    report_more_frames(baseline, more_rows, frames)
     if args.plot:
         plot(args.plot, runs, baseline, chance)
     print(f"\n(total {time.perf_counter() - started:.0f} s{f'; plot: {args.plot}' if args.plot else ''})")
@@ -325,6 +356,23 @@ def report(args, spec, examples, baseline, runs, frame_rows, chance, frames) -> 
             aim = f"{(row['aim']['prefill_flops'] + vision_all) / full:.1%}" if row["aim"] else "-"
             merge = f"{(row['merge_only']['prefill_flops'] + vision_all) / full:.1%}" if row["merge_only"] else "-"
             print(f"  {row['frames']:<8} {few:>20.1%}   {aim:>20}   {merge:>24}")
+
+
+def report_more_frames(baseline, rows, frames: int) -> None:
+    print(f"\nMore frames at equal compute: {frames}-frame clips through the unchanged model vs longer clips "
+          f"through each method tuned to the same LLM prefill FLOPs")
+    names = ("AIM", "temporal+merge", "merge only")
+    print(f"  {'frames':<7} {'unchanged (FLOPs)':>22}" + "".join(f"   {n + ' (FLOPs)':>24}" for n in names))
+    print(f"  {frames:<7} {baseline['accuracy']:>12.1%} ({1:>6.0%})")
+    for row in rows:
+        unchanged = row["unchanged"]
+        cells = []
+        for name in names:
+            result = row[name]
+            cells.append(f"{'unreachable':>24}" if result is None
+                         else f"{result['accuracy']:>14.1%} ({result['flops_vs_standard']:>6.1%})")
+        used = unchanged["prefill_flops"] / baseline["prefill_flops"]
+        print(f"  {row['frames']:<7} {unchanged['accuracy']:>12.1%} ({used:>6.0%})" + "".join(f"   {c}" for c in cells))
 
 
 def plot(path: str, runs, baseline, chance) -> None:

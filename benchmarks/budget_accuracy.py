@@ -31,41 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accuracy_vs_flops as avf  # noqa: E402
 
-from aim import apply_aim, last_stats, remove_aim  # noqa: E402
-from aim import flops as F  # noqa: E402
 from aim.budget import PROFILE_FILE, Profile  # noqa: E402
 from aim.study import data  # noqa: E402
-from aim.study.evaluate import evaluate  # noqa: E402
 from aim.study.model import DEFAULT_MODEL_DIR, load_default_model  # noqa: E402
 
 BUDGETS = (0.75, 0.5, 0.25, 0.15, 0.10)
 FIXED = ("AIM", "merge only", "random drop", "uniform pool")
-
-
-def run_budgeted(model, processor, examples, budget: float, profile: Profile, batch_size: int) -> dict:
-    """Accuracy and mean measured LLM prefill FLOPs of the budgeted choice, and which points ran."""
-    flops, points = [], {}
-
-    def record(module, args, output):
-        stats = last_stats(module)
-        if stats is not None and stats is not record.seen:
-            record.seen = stats
-            for i in range(len(stats.input_tokens)):
-                flops.append(F.prefill_flops(module.config, stats.tokens_per_layer_of(i)))
-            name = stats.budget["point"] if stats.budget else "?"
-            points[name] = points.get(name, 0) + len(stats.input_tokens)
-
-    record.seen = None
-    apply_aim(model, budget=budget, profile=profile)
-    handle = model.register_forward_hook(record)
-    try:
-        result = evaluate(model, processor, examples, batch_size=batch_size)
-    finally:
-        handle.remove()
-        remove_aim(model)
-    result["prefill_flops"] = sum(flops) / len(flops)
-    result["points"] = points
-    return result
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -117,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for budget in tqdm(sorted(args.budgets, reverse=True), desc="budgets"):
-        row = {"budget": budget, "budgeted": run_budgeted(model, processor, examples, budget, profile, args.batch_size)}
+        row = {"budget": budget,
+               "budgeted": avf.run(model, processor, examples, None, args.batch_size, budget=budget, profile=profile)}
         for name in FIXED:
             config = avf.tune(methods[name], model, spec, budget, baseline_flops)
             row[name] = None if config is None else avf.run(model, processor, examples, config, args.batch_size)

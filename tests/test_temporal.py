@@ -6,34 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aim import AIMConfig, apply_aim, is_applied, last_stats, remove_aim
+from aim import AIMConfig, apply_aim, last_stats
 from aim.counts import group_size_after_merge, temporal_frame_sizes
 from aim.layout import VisualLayout
 from aim.reduce import merge_before_llm, merge_pruned
 from aim.temporal import merge_into, temporal_destinations, temporal_matches
-from aim.tiny import build_tiny_model, make_inputs
+from aim.tiny import make_inputs
 from aim.tokens import TokenSet
+from test_models import logits, tiny  # the shared tiny models (4 layers, seed 0)
 
 VIDEO_FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 TEMPORAL = dict(temporal_keep=0.5, merge_keep=0.5, prune=False)
 BOTH = dict(temporal_keep=0.5, merge_keep=0.5, prune=True, prune_keep_ratios=(1.0, 0.5, 0.25, 0.0), prune_action="merge")
-
-_models: dict = {}
-
-
-def tiny(family: str, attn: str = "sdpa"):
-    if (family, attn) not in _models:
-        _models[family, attn] = build_tiny_model(family, attn_implementation=attn, num_layers=4, seed=0)
-    model = _models[family, attn]
-    if is_applied(model):
-        remove_aim(model)
-    return model
-
-
-def logits(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model(**inputs, **kwargs).logits
-
 
 def _video(frames: int, n: int, dim: int, seed: int = 0, noise: float = 0.05) -> torch.Tensor:
     """A video whose frames repeat the first with noise, plus one token per frame that is new."""
