@@ -42,8 +42,8 @@ def fill_ratio(mask: np.ndarray) -> float:
     return mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
 
 
-def examples_of(kind: str, n: int, split: str = "test") -> list[data.Example]:
-    return data.dataset(split, n, kinds=(kind,))
+def examples_of(kind: str, n: int, split: str = "test", recipe: str | None = None) -> list[data.Example]:
+    return data.dataset(split, n, kinds=(kind,), recipe=recipe)
 
 
 # ------------------------------------------------------------------------------------------
@@ -75,8 +75,9 @@ def test_splits_are_disjoint():
     assert not any(e.pixels.tobytes() in train for e in data.dataset("test", 48))
 
 
-def test_moving_object_colour_shape_and_direction_match_the_pixels():
-    for example in examples_of("motion_colour", 24):
+@pytest.mark.parametrize("recipe", tuple(data.RECIPES))
+def test_moving_object_colour_shape_and_direction_match_the_pixels(recipe):
+    for example in examples_of("motion_colour", 24, recipe=recipe):
         answers = {q.kind: q.answer for q in example.qa}
         tracks = [colour_masks(frame) for frame in example.pixels]
         colours = set.intersection(*(set(t) for t in tracks))  # every object is visible throughout
@@ -89,24 +90,60 @@ def test_moving_object_colour_shape_and_direction_match_the_pixels():
         ratio = fill_ratio(tracks[0][movers[0]])
         shape = "square" if ratio > 0.9 else "circle" if ratio > 0.65 else "triangle"
         assert shape == answers["motion_shape"], (example.seed, ratio)
+        if "still_colour" in answers:  # extra turn of the v2 recipe: the one still shape
+            assert answers["still_colour"] in colours and answers["still_colour"] != movers[0]
 
 
-def test_count_event_and_image_answers_match_the_pixels():
-    for example in examples_of("count", 12):
-        colour = example.question.split()[2]
-        frames_with = sum(colour in colour_masks(frame) for frame in example.pixels)
-        assert str(frames_with) == example.answer  # one object per frame
-    for example in examples_of("event_time", 12):
-        seen = [set(colour_masks(frame)) for frame in example.pixels]
+@pytest.mark.parametrize("recipe", tuple(data.RECIPES))
+def test_count_event_and_image_answers_match_the_pixels(recipe):
+    counts = set()
+    for example in examples_of("count", 24, recipe=recipe):
+        for qa in example.qa:
+            colour = qa.question.split()[2]
+            frames_with = sum(colour in colour_masks(frame) for frame in example.pixels)
+            assert str(frames_with) == qa.answer  # one object per frame
+            counts.add(qa.answer)
+    assert counts <= set(data.answers_of("count", recipe))
+    for example in examples_of("event_time", 12, recipe=recipe):
+        seen = [colour_masks(frame) for frame in example.pixels]
         # the flashing shape: the colour seen in one frame only (a still shape is seen in all)
         (flash,) = [t for t, colours in enumerate(seen) if any(sum(c in s for s in seen) == 1 for c in colours)]
         segment = next(i for i, r in enumerate(data.time_segments(len(seen))) if flash in r)
         assert data.TIMES[segment] == example.answer
-    for example in examples_of("image_position", 12):
+        answers = {q.kind: q.answer for q in example.qa}
+        if "event_colour" in answers:  # extra turns of the v2 recipe: the flashing shape's colour and shape
+            (colour,) = [c for c in seen[flash] if sum(c in s for s in seen) == 1]
+            assert answers["event_colour"] == colour
+            ratio = fill_ratio(seen[flash][colour])
+            assert answers["event_shape"] == ("square" if ratio > 0.9 else "circle" if ratio > 0.65 else "triangle")
+    for example in examples_of("image_position", 12, recipe=recipe):
         (mask,) = colour_masks(example.pixels).values()
         x, y = centroid(mask) / data.FRAME_SIZE - 0.5
         position = ("right" if x > 0 else "left") if abs(x) > abs(y) else ("bottom" if y > 0 else "top")
         assert position == example.answer
+
+
+def test_recipes():
+    v1, v2 = data.RECIPES["v1"], data.RECIPES["v2"]
+    assert data.recipe_of(None) == data.RECIPES[data.DEFAULT_RECIPE]
+    with pytest.raises(ValueError):
+        data.recipe_of("v0")
+    # the default recipe is what an unnamed call generates
+    a, b = data.make_example(7, "motion_shape"), data.make_example(7, "motion_shape", recipe=data.DEFAULT_RECIPE)
+    assert np.array_equal(a.pixels, b.pixels) and a.qa == b.qa
+    assert v2.half_size[0] > v1.half_size[0] and v2.speed[0] > v1.speed[1]  # bigger shapes, faster motion
+    assert chance_levels(("count",), "v2") == {"count": 1 / 3} and chance_levels(("count",), "v1") == {"count": 1 / 4}
+    # every question and answer word is in the study tokenizer
+    tokenizer = build_tokenizer()
+    for example in data.dataset("train", 48, recipe="v2"):
+        for qa in example.qa:
+            assert tokenizer.unk_token_id not in tokenizer(qa.question, add_special_tokens=False)["input_ids"], qa
+            assert tokenizer.convert_tokens_to_ids(qa.answer) != tokenizer.unk_token_id
+
+
+def test_stream_mixes_clip_lengths():
+    examples = list(data.stream("train", kinds=("motion_direction", "image_colour"), frames=(8, 16), stop=8))
+    assert [len(e.pixels) if e.is_video else 0 for e in examples] == [8, 0, 16, 0, 8, 0, 16, 0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -141,6 +178,12 @@ def test_inputs_have_the_visual_token_count_the_model_expects(small_model):
     assert (inputs["input_ids"][rows[keep], inputs["answer_positions"][keep]] == tokenizer.convert_tokens_to_ids("assistant")).all()
     assert inputs["answer_ids"][:, 0].tolist() == tokenizer.convert_tokens_to_ids([e.answer for e in examples])
     with torch.no_grad():  # the model accepts the batch (it checks placeholders against features)
+        small_model(**model_inputs(inputs), logits_to_keep=1)
+    # 16-frame clips (the "more frames" experiments) as well
+    clips = data.dataset("test", 2, kinds=("event_time",), frames=16, recipe="v2")
+    inputs = to_inputs(clips, tokenizer, config)
+    assert (inputs["input_ids"] == config.video_token_id).sum(1).tolist() == [16 * 36 + 1] * 2
+    with torch.no_grad():
         small_model(**model_inputs(inputs), logits_to_keep=1)
 
 
@@ -209,3 +252,8 @@ def test_training_is_deterministic_by_seed_and_saves_a_loadable_model(tmp_path):
     assert not all(torch.equal(models[0][k], models[2][k]) for k in models[0])
     assert runs[0]["loss_curve"] == [] and runs[0]["examples_seen"] == 4 and runs[0]["test"]["n"] == 8
     assert (tmp_path / "a" / "training.json").is_file()
+    # the v2 recipe, a weighted training mix and mixed clip lengths
+    run = train(tmp_path / "d", steps=2, batch_size=3, warmup=1, eval_every=0, test_size=4,
+                threads=torch.get_num_threads(), model_options=tiny, recipe="v2", frames=(8, 16),
+                kinds=("count", "event_time"), train_kinds=("count", "count", "event_time"))
+    assert run["settings"]["recipe"] == "v2" and run["test"]["per_kind"]["count"]["chance"] == 1 / 3

@@ -21,6 +21,12 @@ image_shape         its shape                                                   
 image_position      where it is (left / right / top / bottom of the image)          4 positions
 ==================  ==============================================================  ===========
 
+How salient the evidence is depends on the :class:`Recipe` (:data:`RECIPES`): ``v1`` (the table above,
+the first default model) draws shapes 20-28 px wide moving 4-6 px per frame past up to two still
+distractors; ``v2`` draws them 24-32 px wide moving 7-10 px per frame past at most one, counts 1-3
+rather than 1-4, and asks more about each scene in training (the still shape's colour; the flashing
+shape's colour and shape). Unless a recipe is named, the splits are :data:`DEFAULT_RECIPE`'s.
+
 An :class:`Example` carries its pixels (uint8, ``(T, H, W, 3)`` for a video, ``(H, W, 3)`` for an
 image) and one or more :class:`QA` about them: the first is the example's question; the others
 (other questions about the same scene) are extra turns for training.
@@ -60,7 +66,7 @@ ANSWER_WORDS: tuple[str, ...] = tuple(dict.fromkeys(w for kind in KINDS for w in
 #: words of the questions
 QUESTION_WORDS = tuple(
     "what colour is the moving object ? which direction does move shape how many objects are there "
-    "in video when flash image where".split()
+    "in video when flash image where still flashing".split()
 )
 
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
@@ -71,6 +77,47 @@ FRAME_SIZE = 96
 HALF_SIZE = (10, 14)  # half-size range of a shape in pixels (a 20-28 px shape covers ~3x3 patches of 8 px)
 MAX_SCALE = 1.6  # largest shape-size multiplier (see make_example)
 SPEED = (0.04, 0.06)  # range of a moving shape's speed, in frame widths per frame (96 px: 3.8-5.8 px)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Difficulty settings of the generator (how salient the visual evidence is)."""
+
+    half_size: tuple[float, float] = HALF_SIZE  #: half-size range of a shape (pixels)
+    speed: tuple[float, float] = SPEED  #: moving shape's speed range (frame widths per frame)
+    motion_distractors: int = 2  #: most still shapes beside the moving one
+    max_count: int = 4  #: counts are 1..max_count
+    event_turns: bool = False  #: event scenes also ask the flashing object's colour and shape (extra turns)
+    still_turns: bool = False  #: motion scenes with a still shape also ask its colour (extra turn)
+    placement_tries: int = 30  #: random positions tried for a still shape before giving up
+
+
+#: named recipes: "v1" made the first default model; "v2": bigger shapes, faster motion, fewer
+#: distractors, counts 1-3, more questions per scene
+RECIPES = {
+    "v1": Recipe(),
+    "v2": Recipe(half_size=(12, 16), speed=(0.07, 0.10), motion_distractors=1, max_count=3, event_turns=True,
+                 still_turns=True, placement_tries=500),
+}
+#: the recipe of the splits unless one is named (the one the shipped default model was trained on)
+DEFAULT_RECIPE = "v1"
+
+
+def recipe_of(recipe: str | Recipe | None) -> Recipe:
+    """The :class:`Recipe` named ``recipe`` (``None``: :data:`DEFAULT_RECIPE`)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    name = DEFAULT_RECIPE if recipe is None else recipe
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {tuple(RECIPES)}")
+    return RECIPES[name]
+
+
+def answers_of(kind: str, recipe: str | Recipe | None = None) -> tuple[str, ...]:
+    """The answers a kind's questions can have under ``recipe`` (uniformly drawn)."""
+    if kind == "count":
+        return COUNTS[: recipe_of(recipe).max_count]
+    return ANSWERS[kind]
 
 
 @dataclass(frozen=True)
@@ -196,16 +243,16 @@ def _overlaps(box: tuple, others: Sequence[tuple], margin: float = 3.0) -> bool:
 
 def _still(rng: np.random.Generator, colour: str, frames: int, size: int, visible: np.ndarray,
            avoid: Sequence[tuple], shape: str | None = None, region: tuple | None = None,
-           scale: float = 1.0) -> _Sprite | None:
+           scale: float = 1.0, half_size: tuple[float, float] = HALF_SIZE, tries: int = 30) -> _Sprite | None:
     """A still sprite placed off the boxes in ``avoid`` (``None`` if no place is found).
 
     ``region``: ``(x_min, x_max, y_min, y_max)`` bounds of the centre; default the whole frame.
     """
-    half = float(rng.uniform(*HALF_SIZE)) * scale
+    half = float(rng.uniform(*half_size)) * scale
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     lo, hi = half + 2, size - half - 2
     x_min, x_max, y_min, y_max = region or (lo, hi, lo, hi)
-    for _ in range(30):
+    for _ in range(tries):
         cx, cy = rng.uniform(max(x_min, lo), min(x_max, hi)), rng.uniform(max(y_min, lo), min(y_max, hi))
         box = (cx - half, cy - half, cx + half, cy + half)
         if not _overlaps(box, avoid):
@@ -223,12 +270,16 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 
 def motion_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
-                 max_distractors: int = 2, scale: float = 1.0) -> tuple[np.ndarray, list[QA]]:
-    """One shape moves in a straight line; 0..``max_distractors`` still shapes of other colours."""
+                 max_distractors: int | None = None, scale: float = 1.0,
+                 recipe: str | Recipe | None = None) -> tuple[np.ndarray, list[QA]]:
+    """One shape moves in a straight line; 0..``max_distractors`` (default: the recipe's) still
+    shapes of other colours."""
+    r = recipe_of(recipe)
+    max_distractors = r.motion_distractors if max_distractors is None else max_distractors
     colour, shape, direction = _pick(rng, tuple(COLOURS)), _pick(rng, SHAPES), _pick(rng, tuple(DIRECTIONS))
-    half = float(rng.uniform(*HALF_SIZE)) * scale
-    # the whole path stays inside the frame (only binds for large ``scale``)
-    speed = min(float(rng.uniform(*SPEED)) * size, (size - 2 * half - 6) / max(frames - 1, 1))
+    half = float(rng.uniform(*r.half_size)) * scale
+    # the whole path stays inside the frame (binds for large ``scale`` or fast recipes)
+    speed = min(float(rng.uniform(*r.speed)) * size, (size - 2 * half - 6) / max(frames - 1, 1))
     travel = speed * (frames - 1)
     dx, dy = DIRECTIONS[direction]
     lo, hi = half + 2, size - half - 2
@@ -243,7 +294,7 @@ def motion_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int =
     others = [c for c in COLOURS if c != colour]
     for k in range(int(rng.integers(0, max_distractors + 1))):
         still = _still(rng, others[int(rng.integers(len(others)))], frames, size, np.ones(frames, bool), avoid,
-                       scale=scale)
+                       scale=scale, half_size=r.half_size, tries=r.placement_tries)
         if still is not None:
             sprites.append(still)
             avoid.append(still.box(0))
@@ -253,25 +304,30 @@ def motion_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int =
         QA("motion_direction", "which direction does the object move ?", direction),
         QA("motion_shape", "what shape is the moving object ?", shape),
     ]
+    if r.still_turns and len(sprites) == 2:
+        qa.append(QA("still_colour", "what colour is the still object ?", sprites[1].colour))
     return pixels, qa
 
 
 def count_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
-                scale: float = 1.0) -> tuple[np.ndarray, list[QA]]:
-    """1-4 shapes of a target colour, each visible in its own frame; 0-3 of a second colour likewise.
+                scale: float = 1.0, recipe: str | Recipe | None = None) -> tuple[np.ndarray, list[QA]]:
+    """1..``max_count`` shapes of a target colour, each visible in its own frame; fewer of a second
+    colour likewise (``max_count - 1`` at most).
 
     Extra QA (training): the count of the second colour when it appears.
     """
+    r = recipe_of(recipe)
     target, second = (list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:2])
-    n_target = int(rng.integers(1, len(COUNTS) + 1))
-    n_second = int(rng.integers(0, min(len(COUNTS), frames - n_target)))
+    n_target = int(rng.integers(1, r.max_count + 1))
+    n_second = int(rng.integers(0, min(r.max_count, frames - n_target)))
     order = rng.permutation(frames)
     sprites, boxes = [], {t: [] for t in range(frames)}
     for k in range(n_target + n_second):
         t = int(order[k])  # every object in its own frame: counting needs the whole clip
         visible = np.zeros(frames, bool)
         visible[t] = True
-        sprite = _still(rng, target if k < n_target else second, frames, size, visible, boxes[t], scale=scale)
+        sprite = _still(rng, target if k < n_target else second, frames, size, visible, boxes[t], scale=scale,
+                        half_size=r.half_size, tries=r.placement_tries)
         assert sprite is not None  # alone in its frame: always placeable
         sprites.append(sprite)
         boxes[t].append(sprite.box(t))
@@ -289,35 +345,47 @@ def time_segments(frames: int) -> list[range]:
 
 
 def event_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
-                scale: float = 1.0) -> tuple[np.ndarray, list[QA]]:
+                scale: float = 1.0, recipe: str | Recipe | None = None) -> tuple[np.ndarray, list[QA]]:
     """One shape flashes (is visible in a single frame) in the beginning, middle or end of the clip;
     0-1 still shape of another colour is visible throughout."""
+    r = recipe_of(recipe)
     when = int(rng.integers(len(TIMES)))
     segment = time_segments(frames)[when]
     visible = np.zeros(frames, bool)
     visible[segment[int(rng.integers(len(segment)))]] = True
     colour = _pick(rng, tuple(COLOURS))
     sprites, avoid = [], []
-    if rng.integers(2):
-        still = _still(rng, _pick(rng, [c for c in COLOURS if c != colour]), frames, size, np.ones(frames, bool), [],
-                       scale=scale)
-        sprites.append(still)
-        avoid.append(still.box(0))
-    flash = _still(rng, colour, frames, size, visible, avoid, scale=scale)
-    if flash is None:  # pragma: no cover - one still shape always leaves room
+    with_still = bool(rng.integers(2))
+    for _ in range(20):  # a still shape in the middle of the frame can leave no room: place it again
+        if with_still:
+            still = _still(rng, _pick(rng, [c for c in COLOURS if c != colour]), frames, size, np.ones(frames, bool),
+                           [], scale=scale, half_size=r.half_size, tries=r.placement_tries)
+            sprites, avoid = [still], [still.box(0)]
+        flash = _still(rng, colour, frames, size, visible, avoid, scale=scale, half_size=r.half_size,
+                       tries=r.placement_tries)
+        if flash is not None:
+            break
+    else:  # pragma: no cover - practically impossible
         raise RuntimeError("could not place the flashing shape")
     sprites.append(flash)
     pixels = _render(rng, sprites, frames, size)
-    return pixels, [QA("event_time", "when does the object flash ?", TIMES[when])]
+    qa = [QA("event_time", "when does the object flash ?", TIMES[when])]
+    if r.event_turns:
+        qa.append(QA("event_colour", "what colour is the flashing object ?", colour))
+        qa.append(QA("event_shape", "what shape is the flashing object ?", flash.shape))
+    return pixels, qa
 
 
-def image_scene(rng: np.random.Generator, size: int = FRAME_SIZE, scale: float = 1.0) -> tuple[np.ndarray, list[QA]]:
+def image_scene(rng: np.random.Generator, size: int = FRAME_SIZE, scale: float = 1.0,
+                recipe: str | Recipe | None = None) -> tuple[np.ndarray, list[QA]]:
     """One shape on a textured background, in the left, right, top or bottom part of the image."""
+    r = recipe_of(recipe)
     colour, shape, position = _pick(rng, tuple(COLOURS)), _pick(rng, SHAPES), _pick(rng, POSITIONS)
     near, mid = (0.0, size * 0.3), (size * 0.3, size * 0.7)
     far = (size * 0.7, float(size))
     region = {"left": near + mid, "right": far + mid, "top": mid + near, "bottom": mid + far}[position]
-    sprite = _still(rng, colour, 1, size, np.ones(1, bool), [], shape=shape, region=region, scale=scale)
+    sprite = _still(rng, colour, 1, size, np.ones(1, bool), [], shape=shape, region=region, scale=scale,
+                    half_size=r.half_size, tries=r.placement_tries)
     pixels = _render(rng, [sprite], 1, size)[0]
     qa = [
         QA("image_colour", "what colour is the object in the image ?", colour),
@@ -333,25 +401,26 @@ def image_scene(rng: np.random.Generator, size: int = FRAME_SIZE, scale: float =
 
 
 def make_example(seed: int, kind: str, frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
-                 scale: float = 1.0) -> Example:
+                 scale: float = 1.0, recipe: str | Recipe | None = None) -> Example:
     """The example of ``kind`` generated from ``seed``; its first QA is of ``kind``, the other QA
     are the scene's other questions (in a seeded random order).
 
     ``scale`` multiplies the shapes' sizes (``MAX_SCALE`` at most; the splits, training and
-    evaluation use 1)."""
+    evaluation use 1). ``recipe``: a :data:`RECIPES` name (default :data:`DEFAULT_RECIPE`)."""
     if kind not in ANSWERS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if not 0.5 <= scale <= MAX_SCALE:
         raise ValueError(f"scale must be in [0.5, {MAX_SCALE}], got {scale}")
+    r = recipe_of(recipe)
     rng = np.random.default_rng(seed)
     if kind.startswith("motion_"):
-        pixels, qa = motion_scene(rng, frames, size, scale=scale)
+        pixels, qa = motion_scene(rng, frames, size, scale=scale, recipe=r)
     elif kind == "count":
-        pixels, qa = count_scene(rng, frames, size, scale=scale)
+        pixels, qa = count_scene(rng, frames, size, scale=scale, recipe=r)
     elif kind == "event_time":
-        pixels, qa = event_scene(rng, frames, size, scale=scale)
+        pixels, qa = event_scene(rng, frames, size, scale=scale, recipe=r)
     else:
-        pixels, qa = image_scene(rng, size, scale=scale)
+        pixels, qa = image_scene(rng, size, scale=scale, recipe=r)
     first = next(i for i, q in enumerate(qa) if q.kind == kind)
     rest = [qa[i] for i in rng.permutation(len(qa)) if i != first]
     return Example(pixels=pixels, qa=(qa[first], *rest), seed=seed)
@@ -367,16 +436,21 @@ def split_seed(split: str, index: int) -> int:
 
 
 def dataset(split: str, n: int, start: int = 0, kinds: Sequence[str] = KINDS,
-            frames: int = NUM_FRAMES, size: int = FRAME_SIZE) -> list[Example]:
+            frames: int = NUM_FRAMES, size: int = FRAME_SIZE, recipe: str | Recipe | None = None) -> list[Example]:
     """Examples ``start .. start + n - 1`` of ``split``; example ``i`` has kind ``kinds[i % len(kinds)]``,
     so a split is balanced over the kinds."""
-    return list(stream(split, start, kinds, frames, size, stop=start + n))
+    return list(stream(split, start, kinds, frames, size, stop=start + n, recipe=recipe))
 
 
-def stream(split: str, start: int = 0, kinds: Sequence[str] = KINDS, frames: int = NUM_FRAMES,
-           size: int = FRAME_SIZE, stop: int | None = None) -> Iterator[Example]:
-    """Examples ``start, start + 1, ...`` of ``split`` (endless unless ``stop`` is given)."""
+def stream(split: str, start: int = 0, kinds: Sequence[str] = KINDS, frames: int | Sequence[int] = NUM_FRAMES,
+           size: int = FRAME_SIZE, stop: int | None = None, recipe: str | Recipe | None = None) -> Iterator[Example]:
+    """Examples ``start, start + 1, ...`` of ``split`` (endless unless ``stop`` is given).
+
+    ``frames``: frames per clip, or a sequence of them used in turn (example ``i`` has
+    ``frames[i % len(frames)]``; mixing clip lengths in training)."""
+    choices = (frames,) if isinstance(frames, int) else tuple(frames)
     index = start
     while stop is None or index < stop:
-        yield make_example(split_seed(split, index), kinds[index % len(kinds)], frames, size)
+        yield make_example(split_seed(split, index), kinds[index % len(kinds)],
+                           choices[(index // len(kinds)) % len(choices)], size, recipe=recipe)
         index += 1

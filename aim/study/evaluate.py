@@ -26,9 +26,18 @@ from .model import answer_token_ids, load_default_model, model_inputs, to_inputs
 logger = logging.getLogger(__name__)
 
 
-def chance_levels(kinds: Sequence[str] = data.KINDS) -> dict[str, float]:
-    """Accuracy of a uniform guess per kind (answers are uniform over each kind's answers)."""
-    return {kind: 1.0 / len(data.ANSWERS[kind]) for kind in kinds}
+def chance_levels(kinds: Sequence[str] = data.KINDS, recipe: str | data.Recipe | None = None) -> dict[str, float]:
+    """Accuracy of a uniform guess per kind (answers are uniform over each kind's answers under
+    the data ``recipe``, default :data:`aim.study.data.DEFAULT_RECIPE`)."""
+    return {kind: 1.0 / len(data.answers_of(kind, recipe)) for kind in kinds}
+
+
+def known_answer_words(processor) -> list[str]:
+    """The study's answer words that the processor's vocabulary holds (a model saved before a word
+    was added to the study cannot answer it)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vocab = tokenizer.get_vocab()
+    return [w for w in data.ANSWER_WORDS if w in vocab]
 
 
 @torch.no_grad()
@@ -37,7 +46,7 @@ def predict(model, processor, examples: Sequence[data.Example], batch_size: int 
     """Predicted one-word answers to the examples' first questions, in the examples' order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    words = list(data.ANSWER_WORDS)
+    words = known_answer_words(processor)
     ids = torch.tensor(answer_token_ids(processor, words))
     # one modality per batch, similar lengths together; predictions go back to the input order
     order = sorted(range(len(examples)), key=lambda i: (not examples[i].is_video, examples[i].kind, i))
@@ -61,8 +70,9 @@ def predict(model, processor, examples: Sequence[data.Example], batch_size: int 
 
 
 def evaluate(model, processor, examples: Sequence[data.Example], batch_size: int = 16,
-             progress: bool = False) -> dict:
-    """Accuracy of ``model`` on the examples' first questions.
+             progress: bool = False, recipe: str | data.Recipe | None = None) -> dict:
+    """Accuracy of ``model`` on the examples' first questions (``recipe``: the data recipe the
+    examples were generated with, for the chance levels).
 
     Returns:
         ``{"accuracy": float, "n": int, "per_kind": {kind: {"accuracy", "n", "chance"}}}``.
@@ -74,12 +84,26 @@ def evaluate(model, processor, examples: Sequence[data.Example], batch_size: int
     for example, answer in zip(examples, predictions):
         counts[example.kind] += 1
         hits[example.kind] += int(answer == example.answer)
-    chance = chance_levels(tuple(counts))
+    chance = chance_levels(tuple(counts), recipe)
     per_kind = {
         kind: {"accuracy": hits[kind] / counts[kind], "n": counts[kind], "chance": chance[kind]}
         for kind in data.KINDS if kind in counts
     }
     return {"accuracy": sum(hits.values()) / len(examples), "n": len(examples), "per_kind": per_kind}
+
+
+def trained_recipe(model_dir=None) -> str:
+    """The data recipe a saved study model was trained on (its ``training.json``; ``v1`` where the
+    file names none: the first default model predates recipes)."""
+    from pathlib import Path
+
+    from .model import DEFAULT_MODEL_DIR
+
+    path = Path(model_dir if model_dir is not None else DEFAULT_MODEL_DIR) / "training.json"
+    try:
+        return json.loads(path.read_text())["settings"].get("recipe", "v1")
+    except (OSError, ValueError, KeyError):
+        return data.DEFAULT_RECIPE
 
 
 def format_report(result: dict, title: str = "") -> str:
@@ -100,25 +124,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=800, help="examples (balanced over the kinds)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipe", default=None, choices=tuple(data.RECIPES),
+                        help="data recipe (default: the one the model was trained on)")
+    parser.add_argument("--frames", type=int, default=data.NUM_FRAMES, help="frames per clip")
     parser.add_argument("--aim", action="store_true", help="also evaluate with aim.apply_aim (default AIMConfig)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     model, processor = load_default_model(args.model)
-    examples = data.dataset(args.split, args.n)
-    results = {"baseline": evaluate(model, processor, examples, args.batch_size, progress=True)}
+    args.recipe = args.recipe or trained_recipe(args.model)
+    examples = data.dataset(args.split, args.n, frames=args.frames, recipe=args.recipe)
+    results = {"baseline": evaluate(model, processor, examples, args.batch_size, progress=True, recipe=args.recipe)}
     if args.aim:
         from aim import AIMConfig, apply_aim
 
         config = AIMConfig()
         apply_aim(model, config)
-        results["aim"] = evaluate(model, processor, examples, args.batch_size, progress=True)
+        results["aim"] = evaluate(model, processor, examples, args.batch_size, progress=True, recipe=args.recipe)
         results["aim_config"] = repr(config)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(format_report(results["baseline"], f"{args.split} split, {args.n} examples: baseline"))
+        print(format_report(results["baseline"], f"{args.split} split ({args.recipe} data, {args.frames} frames), "
+                                                 f"{args.n} examples: baseline"))
         if args.aim:
             print()
             print(format_report(results["aim"], f"with aim.apply_aim(model), {results['aim_config']}"))

@@ -2,9 +2,11 @@
 
 The model is transformers' own ``LlavaOnevisionForConditionalGeneration`` (SigLIP vision tower,
 2-layer GELU projector, Qwen2 decoder), configured through :mod:`aim.tiny`'s builders with a wider
-vision tower (:data:`STUDY_MODEL`): 96 px frames, patch 8, so 12x12 patches per frame, pooled 2x2
-by the model to 6x6 = 36 tokens per frame; an 8-frame clip is 8 x 36 + 1 (newline) = 289 visual
-tokens, a 96 px image 144 (base view) + 144 + 12 (one anyres tile with its row newlines) = 300.
+vision tower (:data:`STUDY_MODEL`: 12 decoder layers of width 128, a 2-layer vision tower of width
+96; the first shipped default model had 8 layers and width 64 there): 96 px frames, patch 8, so
+12x12 patches per frame, pooled 2x2 by the model to 6x6 = 36 tokens per frame; an 8-frame clip is
+8 x 36 + 1 (newline) = 289 visual tokens (16 frames: 577), a 96 px image 144 (base view) + 144 + 12
+(one anyres tile with its row newlines) = 300.
 (128 px frames, 64 tokens per frame, were tried first: a step costs about twice as much, and
 after 400 steps (14 min on 2 CPU cores) only the colour questions were above chance; the longer
 visual sequence also lengthens the plateau before attention finds the objects.)
@@ -42,8 +44,10 @@ logger = logging.getLogger(__name__)
 #: where the trained default model ships (inside the package)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 
-#: sizes of the study model (LLM layers / width; vision tower width / depth; frame size)
-STUDY_MODEL = dict(num_layers=8, hidden_size=128, vision_hidden=64, vision_layers=2, image_size=data.FRAME_SIZE)
+#: sizes of the study model (LLM layers / width; vision tower width / depth; frame size): 12 LLM
+#: layers, so that pruning at half depth resembles pruning the 28-layer models of the AIM paper
+#: (the first default model had 8 layers and a 64-wide vision tower; its config.json has its sizes)
+STUDY_MODEL = dict(num_layers=12, hidden_size=128, vision_hidden=96, vision_layers=2, image_size=data.FRAME_SIZE)
 
 #: study words the lmms-eval tokenizer lacks; they replace its first filler words ``w0, w1, ...``
 EXTRA_WORDS = tuple(w for w in (*data.ANSWER_WORDS, *data.QUESTION_WORDS) if w not in checkpoint.WORDS)
