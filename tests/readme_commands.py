@@ -69,22 +69,22 @@ CHECKS = [
     Check("python benchmarks/prefill.py --repeats 3", "python benchmarks/prefill.py --quick"),
     Check("python benchmarks/kernels.py",
           "python benchmarks/kernels.py --matching-tokens 3136 --giant-group 4096 --importance-tokens 512 --cpu-budget-s 5"),
-    Check("python -m aim.integrations.lmms_eval.make_data out/synth_eval --checkpoint out/synth_eval/tiny-llava-ov",
-          "python -m aim.integrations.lmms_eval.make_data {tmp}/synth_eval --checkpoint {tmp}/synth_eval/tiny-llava-ov "
-          "--videos 2 --images 2", needs="eval", says_extra=True),
+    Check("python -m aim.integrations.lmms_eval.make_data out/study_eval --study",
+          "python -m aim.integrations.lmms_eval.make_data {tmp}/study_eval --study --limit 8", needs="eval", says_extra=True),
     *[
         Check(
             "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lmms_eval --model aim_llava_hf --model_args "
-            f"pretrained=out/synth_eval/tiny-llava-ov,max_frames_num=8,{args} --device cpu --include_path out/synth_eval "
-            "--tasks aim_synth --limit 4 --output_path out/synth_eval/logs",
+            f"pretrained=aim/default_model,max_frames_num=8,{args} --device cpu --include_path out/study_eval "
+            "--tasks aim_study --log_samples --output_path out/study_eval/logs",
             "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lmms_eval --model aim_llava_hf --model_args "
-            f"pretrained={{tmp}}/synth_eval/tiny-llava-ov,max_frames_num=8,{args} --device cpu --include_path "
-            "{tmp}/synth_eval --tasks aim_synth --limit 2 --output_path {tmp}/synth_eval/logs",
+            f"pretrained=aim/default_model,max_frames_num=8,{args} --device cpu --include_path {{tmp}}/study_eval "
+            "--tasks aim_study --limit 8 --log_samples --output_path {tmp}/study_eval/logs",
             needs="eval",
         )
-        for args in ("aim=off", "merge_keep=0.25")
+        for args in ("aim=off", "aim=on", "prune=false")
     ],
-    Check("cat out/synth_eval/logs/*/*_aim_cost.json", "cat {tmp}/synth_eval/logs/*/*_aim_cost.json", needs="eval"),
+    Check("python -m aim.integrations.lmms_eval.study_check out/study_eval",
+          "python -m aim.integrations.lmms_eval.study_check {tmp}/study_eval", needs="eval"),
     *[
         Check(f"accelerate launch --num_processes=8 -m lmms_eval --model aim_llava_hf --model_args {args} "
               "--tasks videomme,mlvu_dev $COMMON", skip="7B checkpoints on 8 GPUs, data from the hub")

@@ -223,7 +223,8 @@ def _entry_point_installed() -> bool:
     return any(ep.value.startswith("aim.integrations.lmms_eval") for ep in entry_points(group="lmms_eval.models"))
 
 
-def _run_lmms_eval(setup, name: str, model_args: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _run_lmms_eval(setup, name: str, model_args: str, extra: tuple[str, ...] = (), model: str = "aim_llava_hf",
+                   base_args: str | None = None, limit: int = LIMIT) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -233,10 +234,10 @@ def _run_lmms_eval(setup, name: str, model_args: str, extra: tuple[str, ...] = (
     if not _entry_point_installed():  # aim installed without its entry points: lmms-eval's legacy variable
         env["LMMS_EVAL_PLUGINS"] = "aim.integrations.lmms_eval"
     cmd = [
-        sys.executable, "-m", "lmms_eval", "--model", "aim_llava_hf",
-        "--model_args", f"pretrained={setup.checkpoint},max_frames_num=8,{model_args}",
+        sys.executable, "-m", "lmms_eval", "--model", model,
+        "--model_args", f"{base_args or f'pretrained={setup.checkpoint},max_frames_num=8'},{model_args}",
         "--device", "cpu", "--batch_size", "1", "--include_path", str(setup.tasks), "--tasks", "aim_synth",
-        "--limit", str(LIMIT), "--output_path", str(setup.root / name), *extra,
+        "--limit", str(limit), "--output_path", str(setup.root / name), *extra,
     ]
     return subprocess.run(cmd, cwd=setup.root, env=env, capture_output=True, text=True, timeout=600)
 
@@ -256,10 +257,12 @@ def test_models_are_registered():
     from lmms_eval.models import get_model
 
     from aim.integrations.lmms_eval.models.aim_llava_hf import AimLlavaHf, AimLlavaHfChat
+    from aim.integrations.lmms_eval.models.aim_qwen3_vl import AimQwen3VL, AimQwen3VLChat
 
     assert get_model("aim_llava_hf") is AimLlavaHfChat and get_model("aim_llava_hf", force_simple=True) is AimLlavaHf
-    for name in ("aim_qwen2_vl", "aim_qwen2_5_vl"):
+    for name in ("aim_qwen2_vl", "aim_qwen2_5_vl", "aim_qwen3_vl"):
         assert get_model(name).AIM_MODEL_ID == name
+    assert get_model("aim_qwen3_vl") is AimQwen3VLChat and get_model("aim_qwen3_vl", force_simple=True) is AimQwen3VL
 
 
 @needs_lmms_eval
@@ -319,3 +322,28 @@ def test_lmms_eval_cli_bad_aim_argument(offline_setup):
     text = run.stdout + run.stderr
     assert "aim_llava_hf: bad AIM arguments (merge_keep=1.5): merge_keep must be in (0, 1]" in text
     assert not glob.glob(str(offline_setup.root / "bad" / "*" / "*_results.json"))
+
+
+@needs_lmms_eval
+def test_qwen3_vl_model_runs_the_synthetic_task(offline_setup):
+    """aim_qwen3_vl (lmms-eval's qwen3_vl + AIM) on a tiny offline Qwen3-VL: it loads, AIM is applied
+    (the argument checks run first), and the real command line answers a video and an image."""
+    pytest.importorskip("qwen_vl_utils", reason="lmms-eval's qwen3_vl reads its media with qwen_vl_utils")
+    from aim.families import family_for_model_type
+    from aim.integrations.lmms_eval.checkpoint import build_checkpoint
+    from aim.integrations.lmms_eval.models.aim_qwen3_vl import AimQwen3VL
+
+    if family_for_model_type("qwen3_vl") is None:
+        pytest.skip("aim has no Qwen3-VL family (aim/families/qwen3_vl.py)")
+    checkpoint = build_checkpoint(offline_setup.root / "tiny-qwen3-vl", family="qwen3_vl")
+    with pytest.raises(AIMArgumentError, match="prune_start=9 is past the model's last layer"):
+        AimQwen3VL(pretrained=str(checkpoint), device="cpu", device_map="cpu", prune_start=9)
+    run = _run_lmms_eval(offline_setup, "qwen3", "merge_keep=0.5", model="aim_qwen3_vl", limit=1,
+                         base_args=f"pretrained={checkpoint},device_map=cpu,max_num_frames=8")
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and "Error during evaluation" not in output, output[-4000:]
+    results, cost = _outputs(offline_setup, "qwen3")
+    assert set(results["results"]) >= {"aim_synth_video", "aim_synth_image"}
+    assert cost["model"] == "aim_qwen3_vl" and cost["failed_generations"] == 0, cost.get("failures")
+    video = cost["per_task"]["aim_synth_video"]
+    assert video["mean_visual_tokens_after_merge"] == video["mean_visual_tokens_before_merge"] / 2

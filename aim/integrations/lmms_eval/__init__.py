@@ -1,10 +1,11 @@
-"""lmms-eval plugin: AIM versions of lmms-eval's HF model classes, and offline synthetic tasks.
+"""lmms-eval plugin: AIM versions of lmms-eval's HF model classes, and offline tasks.
 
 Models (each subclasses lmms-eval's own class and calls ``aim.apply_aim`` after it loads):
 
 - ``aim_llava_hf``   LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision through transformers (``llava_hf``)
 - ``aim_qwen2_vl``   Qwen2-VL (``qwen2_vl``)
 - ``aim_qwen2_5_vl`` Qwen2.5-VL (``qwen2_5_vl``)
+- ``aim_qwen3_vl``   Qwen3-VL, dense and MoE (``qwen3_vl``)
 
 Registration: the entry point group ``lmms_eval.models`` (lmms-eval >= 0.6 reads it when
 ``lmms_eval.models`` is imported)::
@@ -16,7 +17,9 @@ or, without installing entry points, lmms-eval's legacy variable
 to the task search path).
 
 AIM settings travel in ``--model_args`` (``merge_keep=0.25,prune_start=14,prune_step=0.125``;
-``aim=off`` for the baseline); see :mod:`.args`. Costs: :mod:`.cost`. Tasks: :mod:`.make_data`.
+``aim=off`` for the baseline); see :mod:`.args`. Costs: :mod:`.cost`. Tasks: :mod:`.make_data`
+(the study's test split, task ``aim_study``, checked against the study's own evaluation by
+:mod:`.study_check`; synthetic sets, task ``aim_synth``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ MODEL_CLASSES: dict[str, tuple[str, str | None]] = {
     "aim_llava_hf": ("aim_llava_hf.AimLlavaHf", "aim_llava_hf.AimLlavaHfChat"),
     "aim_qwen2_vl": ("aim_qwen2_vl.AimQwen2VL", None),
     "aim_qwen2_5_vl": ("aim_qwen2_5_vl.AimQwen2_5VL", "aim_qwen2_5_vl.AimQwen2_5VLChat"),
+    "aim_qwen3_vl": ("aim_qwen3_vl.AimQwen3VL", "aim_qwen3_vl.AimQwen3VLChat"),
 }
 
 

@@ -1,4 +1,4 @@
-"""A tiny LLaVA-OneVision (or Qwen2-VL) "checkpoint" built offline: random weights, a word-level
+"""A tiny LLaVA-OneVision (or Qwen2-VL, Qwen3-VL) "checkpoint" built offline: random weights, a word-level
 tokenizer and a real processor, saved with ``save_pretrained`` so that every loader (``from_pretrained``,
 ``AutoProcessor``, lmms-eval's ``llava_hf``) takes it like a hub checkpoint.
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from aim import tiny
 
-FAMILIES = ("llava_onevision", "qwen2_vl")
+FAMILIES = ("llava_onevision", "qwen2_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen3_vl")  # Qwen's names for the placeholder tokens
 
 
 
@@ -79,7 +80,7 @@ def build_tokenizer(family: str = "llava_onevision"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    names = QWEN_TOKEN_NAMES if family == "qwen2_vl" else {}
+    names = QWEN_TOKEN_NAMES if family in QWEN_FAMILIES else {}
     backend = Tokenizer(models.WordLevel(vocab=_vocab(names), unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
@@ -106,9 +107,14 @@ def build_processor(model):
     family = model.config.model_type
     if family not in FAMILIES:
         raise ValueError(f"offline processors are built for {FAMILIES}, not {family!r}")
-    if family == "qwen2_vl":
+    if family in QWEN_FAMILIES:
         vc = model.config.vision_config
         shape = dict(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size)
+        if family == "qwen3_vl":
+            return tf.Qwen3VLProcessor(
+                image_processor=tf.Qwen2VLImageProcessor(**shape), video_processor=tf.Qwen3VLVideoProcessor(**shape),
+                tokenizer=build_tokenizer(family), chat_template=QWEN_CHAT_TEMPLATE,
+            )
         return tf.Qwen2VLProcessor(
             image_processor=tf.Qwen2VLImageProcessor(**shape), video_processor=tf.Qwen2VLVideoProcessor(**shape),
             tokenizer=build_tokenizer(family), chat_template=QWEN_CHAT_TEMPLATE,
@@ -139,9 +145,30 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     outdir = Path(outdir)
-    model = tiny.build_tiny_model(family, num_layers=num_layers, hidden_size=hidden_size, seed=seed)
+    if family == "qwen3_vl":
+        model = _tiny_qwen3_vl(num_layers, hidden_size, seed)
+    else:
+        model = tiny.build_tiny_model(family, num_layers=num_layers, hidden_size=hidden_size, seed=seed)
     processor = build_processor(model)
     outdir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(outdir)
     processor.save_pretrained(outdir)
     return outdir
+
+
+QWEN3_VL_PATCH = 16  # Qwen3-VL's patch size; lmms-eval's qwen3_vl sizes images for it (image_patch_size=16)
+
+
+def _tiny_qwen3_vl(num_layers: int, hidden_size: int, seed: int):
+    """aim.tiny's Qwen3-VL with the released models' 16 px patches (lmms-eval's ``qwen3_vl`` resizes
+    images to multiples of 2 x 16 px and tells the processor not to resize them again)."""
+    import torch
+
+    from aim.families import family_for_model_type
+
+    config = tiny.build_config("qwen3_vl", num_layers, hidden_size)
+    config.vision_config.patch_size = QWEN3_VL_PATCH
+    torch.manual_seed(seed)
+    model = family_for_model_type("qwen3_vl").model_class()._from_config(config, attn_implementation="sdpa")
+    model.generation_config.update(**tiny.TOKEN_IDS)
+    return model.eval()

@@ -10,4 +10,5 @@ AVAILABLE_MODELS = {
     "aim_llava_hf": "AimLlavaHf",
     "aim_qwen2_vl": "AimQwen2VL",
     "aim_qwen2_5_vl": "AimQwen2_5VL",
+    "aim_qwen3_vl": "AimQwen3VL",
 }

@@ -1,0 +1,206 @@
+"""The lmms-eval task ``aim_study``: the study's test examples through the real ``python -m lmms_eval``
+command line on the shipped trained model, with the accuracy the study's own evaluation computes.
+
+``make_data --study`` writes the examples (lossless clips, PNG images); lmms-eval runs them with
+``aim_llava_hf`` (baseline ``aim=off`` and the default AIM); the accuracy, per kind and answer by
+answer, must equal `aim.study.evaluate` on the same examples with the same AIM settings. The parts
+that need lmms-eval (or decord, torchvision) skip with the reason when it is not installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from aim.integrations.lmms_eval.tasks.utils import study_process_results
+
+REPO = Path(__file__).resolve().parents[1]
+HAS = {name: importlib.util.find_spec(name) is not None for name in ("lmms_eval", "decord", "torchvision", "av", "cv2", "PIL")}
+needs_lmms_eval = pytest.mark.skipif(not HAS["lmms_eval"], reason="lmms_eval is not installed (pip install -e '.[eval]')")
+needs_decord = pytest.mark.skipif(not HAS["decord"], reason="decord is not installed (pip install -e '.[eval]')")
+needs_writer = pytest.mark.skipif(not ((HAS["av"] or HAS["cv2"]) and HAS["PIL"]),
+                                  reason="writing the data needs PyAV or OpenCV and Pillow (the eval extra)")
+LIMIT = 16  # lmms-eval's --limit: 2 questions of each of the 8 kinds
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory):
+    """The first LIMIT + 4 test examples as aim_study data (lmms-eval runs the first LIMIT)."""
+    from aim.integrations.lmms_eval.make_data import generate_study
+
+    root = tmp_path_factory.mktemp("lmms_eval_study")
+    path = generate_study(root / "study_eval", limit=LIMIT + 4)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return SimpleNamespace(root=root, outdir=root / "study_eval", rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data and the scoring (no lmms-eval needed)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_writer
+def test_study_data_are_the_study_examples(study_data):
+    from PIL import Image
+
+    from aim.study import data
+
+    examples = data.dataset("test", LIMIT + 4)
+    assert [r["seed"] for r in study_data.rows] == [e.seed for e in examples]
+    assert [(r["kind"], r["question"], r["answer"]) for r in study_data.rows] == [
+        (e.kind, e.question, e.answer) for e in examples
+    ]
+    assert [r["modality"] == "video" for r in study_data.rows] == [e.is_video for e in examples]
+    assert (study_data.outdir / "aim_study.yaml").is_file()
+    for row, example in zip(study_data.rows, examples):
+        if not example.is_video:  # PNG: lossless
+            with Image.open(row["visual"]) as image:
+                assert np.array_equal(np.asarray(image.convert("RGB")), example.pixels)
+    if HAS["decord"]:  # make_data checked every clip already; check one here independently
+        from decord import VideoReader, cpu
+
+        reader = VideoReader(study_data.rows[0]["visual"], ctx=cpu(0))
+        assert np.array_equal(reader.get_batch(list(range(len(reader)))).asnumpy(), examples[0].pixels)
+
+
+def test_make_data_study_refuses_options_of_the_synthetic_sets(tmp_path, capsys):
+    from aim.integrations.lmms_eval.make_data import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "x"), "--study", "--frames", "4"])
+    assert stop.value.code == 2 and "--frames" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "aim_study"), "--study"])
+    assert stop.value.code == 2 and "other than a task name" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "aim_study").exists()
+
+
+def test_study_scoring_is_exact_match_per_kind():
+    doc = {"answer": "red", "kind": "motion_colour", "modality": "video"}
+    assert study_process_results(doc, [" Red "]) == {"accuracy": 1.0, "video_accuracy": 1.0, "motion_colour": 1.0}
+    assert study_process_results(doc, [SimpleNamespace(text="red circle")])["accuracy"] == 0.0
+    image = {"answer": "left", "kind": "image_position", "modality": "image"}
+    assert study_process_results(image, ["up"]) == {"accuracy": 0.0, "image_accuracy": 0.0, "image_position": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's inputs through lmms-eval's path equal the study's
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_lmms_eval
+@needs_decord
+@pytest.mark.skipif(not HAS["torchvision"], reason="the LLaVA-OneVision video processor needs torchvision")
+def test_processor_inputs_equal_the_studys(study_data):
+    """What aim_llava_hf hands the model (chat template, processor, clip decoded by decord) is what
+    `aim.study.model.to_inputs` builds for the same example."""
+    import torch
+    from transformers import AutoProcessor
+
+    from aim.integrations.lmms_eval.models.aim_llava_hf import _decord_fetcher
+    from aim.study import data
+    from aim.study.model import DEFAULT_MODEL_DIR, load_default_model, to_inputs
+
+    model, _ = load_default_model()
+    processor = AutoProcessor.from_pretrained(DEFAULT_MODEL_DIR, local_files_only=True)
+    processor.video_processor.fetch_videos = _decord_fetcher(8)
+    examples = data.dataset("test", LIMIT)
+    for index in (0, 5):  # a clip and an image
+        row, example = study_data.rows[index], examples[index]
+        kind = row["modality"]
+        content = [{"type": kind, "url": row["visual"]}, {"type": "text", "text": row["question"]}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        if kind == "video":
+            real = processor(text=text, videos=[row["visual"]], return_tensors="pt")
+        else:
+            from aim.integrations.lmms_eval.tasks.utils import study_doc_to_visual
+
+            real = processor(text=text, images=study_doc_to_visual(row), return_tensors="pt")
+        mine = to_inputs([example], processor, model.config)
+        assert torch.equal(real["input_ids"], mine["input_ids"])
+        key = "pixel_values_videos" if kind == "video" else "pixel_values"
+        torch.testing.assert_close(real[key].float(), mine[key], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real command line: lmms-eval's accuracy is the study's
+# ---------------------------------------------------------------------------------------------
+
+
+def _entry_point_installed() -> bool:
+    return any(ep.value.startswith("aim.integrations.lmms_eval") for ep in entry_points(group="lmms_eval.models"))
+
+
+def _run(study_data, name: str, aim_args: str) -> subprocess.CompletedProcess:
+    from aim.study.model import DEFAULT_MODEL_DIR
+
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(study_data.root / "hf_home"), TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
+    if not _entry_point_installed():
+        env["LMMS_EVAL_PLUGINS"] = "aim.integrations.lmms_eval"
+    cmd = [
+        sys.executable, "-m", "lmms_eval", "--model", "aim_llava_hf",
+        "--model_args", f"pretrained={DEFAULT_MODEL_DIR},max_frames_num=8,{aim_args}",
+        "--device", "cpu", "--include_path", str(study_data.outdir), "--tasks", "aim_study",
+        "--limit", str(LIMIT), "--log_samples", "--output_path", str(study_data.outdir / "logs" / name),
+    ]
+    return subprocess.run(cmd, cwd=study_data.root, env=env, capture_output=True, text=True, timeout=600)
+
+
+@needs_lmms_eval
+@needs_decord
+def test_lmms_eval_accuracy_is_the_studys(study_data):
+    import torch
+
+    from aim import AIMConfig, apply_aim
+    from aim.integrations.lmms_eval.study_check import compare
+    from aim.study import data
+    from aim.study.evaluate import evaluate
+    from aim.study.model import load_default_model
+
+    settings = {"baseline": ("aim=off", AIMConfig(enabled=False)), "aim": ("aim=on", AIMConfig())}
+    results = {}
+    for name, (args, _) in settings.items():
+        run = _run(study_data, name, args)
+        output = run.stdout + run.stderr
+        assert run.returncode == 0 and "Error during evaluation" not in output, output[-4000:]
+        [path] = glob.glob(str(study_data.outdir / "logs" / name / "*" / "*_results.json"))
+        results[name] = json.loads(Path(path).read_text())
+        assert results[name]["n-samples"]["aim_study"]["effective"] == LIMIT
+
+    # the study's own evaluation of the same examples, same settings
+    torch.set_num_threads(2)
+    model, processor = load_default_model()
+    examples = data.dataset("test", LIMIT)
+    for name, (_, config) in settings.items():
+        apply_aim(model, config)
+        study = evaluate(model, processor, examples)
+        reported = {k.split(",")[0]: v for k, v in results[name]["results"]["aim_study"].items() if k.endswith(",none")}
+        assert reported["accuracy"] == pytest.approx(study["accuracy"], abs=1e-12), (name, reported, study)
+        for kind, row in study["per_kind"].items():
+            assert reported[kind] == pytest.approx(row["accuracy"], abs=1e-12), (name, kind, reported, study)
+
+    # the same, answer by answer (the samples of --log_samples), through study_check
+    report = compare(study_data.outdir)
+    assert sorted(entry["run"] for entry in report) == ["aim=off", "aim=on"]
+    for entry in report:
+        assert entry["n"] == LIMIT and entry["differing_metrics"] == [] and entry["differing_answers"] == [], entry
+    base, aim = (results[name]["aim_cost"] for name in ("baseline", "aim"))
+    assert base["aim"]["enabled"] is False and aim["aim"]["enabled"] is True
+    assert aim["mean_llm_tokens_per_layer"] < 0.5 * base["mean_llm_tokens_per_layer"]
+    assert base["failed_generations"] == aim["failed_generations"] == 0
