@@ -78,12 +78,23 @@ def calibrate(
             reference.append(logp)
             base_flops.append(prefill_flops(spec, stats.tokens_per_layer_of(0)))
             samples.append((stats.tokens_per_layer_of(0), stats.visual_tokens_before_merge[0], took))
-        points = []
-        bar = tqdm(candidates, desc="calibrating", disable=not progress, unit="config")
-        for candidate in bar:
-            point = _measure(model, spec, candidate, inputs, reference, base_flops, repeats, samples)
-            if point is not None:
-                points.append(point)
+        # inputs outside, settings inside: a spell of load on a shared machine then slows every
+        # setting alike instead of a few settings entirely
+        rows: dict[str, list] = {c.name: [] for c in candidates}
+        failed: set[str] = set()
+        bar = tqdm(total=len(inputs) * len(candidates), desc="calibrating", disable=not progress, unit="run")
+        for x, ref, base in zip(inputs, reference, base_flops):
+            for candidate in candidates:
+                bar.update()
+                if candidate.name in failed:
+                    continue
+                try:
+                    rows[candidate.name].append(_measure(model, spec, candidate, x, ref, base, repeats, samples))
+                except (ValueError, NotImplementedError) as err:  # e.g. pooling on non-square crops
+                    logger.info("skipping %s: %s", candidate.name, err)
+                    failed.add(candidate.name)
+        bar.close()
+        points = [_point(c, rows[c.name]) for c in candidates if c.name not in failed]
     finally:
         if not applied_before:
             remove_aim(model)
@@ -96,29 +107,27 @@ def calibrate(
     )
 
 
-def _measure(model, spec, candidate: Candidate, inputs, reference, base_flops, repeats, samples) -> Point | None:
-    agree, kls, fractions, seconds = [], [], [], []
-    for x, ref, base in zip(inputs, reference, base_flops):
-        try:
-            times = []
-            for _ in range(max(1, repeats)):
-                logp, took = _prefill(model, x, candidate.config)
-                times.append(took)
-        except (ValueError, NotImplementedError) as err:  # e.g. pooling on non-square crops
-            logger.info("skipping %s: %s", candidate.name, err)
-            return None
-        took = sorted(times)[len(times) // 2]
-        stats = last_stats(model)
-        tokens = stats.tokens_per_layer_of(0)
-        samples.append((tokens, stats.visual_tokens_before_merge[0], took))
-        agree.append(float(logp.argmax(-1).eq(ref.argmax(-1)).float().mean()))
-        kls.append(float((ref.exp() * (ref - logp)).sum(-1).mean()))
-        fractions.append(prefill_flops(spec, tokens) / max(base, 1))
-        seconds.append(took)
-    n = len(inputs)
+def _measure(model, spec, candidate: Candidate, x, ref, base, repeats, samples) -> tuple[float, float, float, float]:
+    """One setting on one input: (agreement, KL, FLOPs fraction, seconds); the timing joins `samples`."""
+    times = []
+    for _ in range(max(1, repeats)):
+        logp, took = _prefill(model, x, candidate.config)
+        times.append(took)
+    took = sorted(times)[len(times) // 2]
+    stats = last_stats(model)
+    tokens = stats.tokens_per_layer_of(0)
+    samples.append((tokens, stats.visual_tokens_before_merge[0], took))
+    agree = float(logp.argmax(-1).eq(ref.argmax(-1)).float().mean())
+    kl = float((ref.exp() * (ref - logp)).sum(-1).mean())
+    return agree, kl, prefill_flops(spec, tokens) / max(base, 1), took
+
+
+def _point(candidate: Candidate, rows: list[tuple[float, float, float, float]]) -> Point:
+    n = len(rows)
+    agree, kl, fraction, seconds = (sum(column) / n for column in zip(*rows))
     config = candidate.config
     return Point(
         name=candidate.name,
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
-        agreement=sum(agree) / n, kl=sum(kls) / n, flops_fraction=sum(fractions) / n, seconds=sum(seconds) / n,
+        agreement=agree, kl=kl, flops_fraction=fraction, seconds=seconds,
     )
