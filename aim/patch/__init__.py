@@ -65,7 +65,7 @@ def apply_aim(
     """
     family = family_for(model)
     compat.warn_if_untested()
-    from .base import budget_from
+    from .wrappers import budget_from
 
     chosen_budget = budget_from(budget, budget_ms)
     if chosen_budget is not None and (config is not None or overrides):

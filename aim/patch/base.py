@@ -1,4 +1,5 @@
-"""Shared patching machinery: the per-model controller and the patched callables.
+"""Shared patching machinery: the per-model controller (the patched callables it installs are in
+`aim.patch.wrappers`).
 
 A family (``aim/families/<model_type>.py``) says how its visual features split into merge
 groups (frames / crops) and how its positions are read. Everything else is here: wrapping the multimodal
@@ -18,22 +19,20 @@ placeholders with ``masked_scatter``.
 
 from __future__ import annotations
 
-import contextvars
-import inspect
 import threading
-import time
 import weakref
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from ..config import AIMConfig
-from ..context import CallState, CaptureHook, call_options, current_call, options_for, running
+from ..context import CallState, CaptureHook, options_for
 from ..engine import AIMTextForward
 from ..families import Family
 from ..layout import VisualLayout, build_layout, flatten_item_groups, match_item_groups
-from ..speculative import CandidateGeneratorHook, generate_with_draft, note_target_forward
+from ..speculative import CandidateGeneratorHook
 from ..stats import AIMStats
+from .wrappers import FeatureFunction, Generate, MultimodalForward
 
 ItemGroups = list[list[torch.Tensor]]
 CHUNKED_PREFILL = (
@@ -273,129 +272,3 @@ class FeatureGroups:
             items_out.extend([g + offset for g in groups] for groups in flatten_item_groups(items, item_groups))
             offset += sum(item.shape[0] for item in items)
         return items_out
-
-
-class MultimodalForward:
-    """The multimodal model's forward while patched: runs the original inside a new `CallState`.
-
-    Takes ``aim_config=`` (an `AIMConfig` or a dict of its fields) for this call only."""
-
-    def __init__(self, controller: Controller, original: Callable) -> None:
-        self.controller = controller
-        self.original = original
-        self.signature = inspect.signature(original)  # read once: __call__ runs on every forward
-        self.__wrapped__ = original  # inspect.signature and generate() see the original's arguments
-
-    def __call__(self, *args, **kwargs):
-        controller = self.controller
-        options = options_for(controller)
-        given = kwargs.pop("aim_config", None)
-        budget = budget_from(kwargs.pop("aim_budget", None), kwargs.pop("aim_budget_ms", None))
-        config = controller.per_call(given) if given is not None else controller.config_in_effect()
-        call = self.signature.bind_partial(*args, **kwargs)
-        state = CallState(owner=controller, config=config, input_ids=call.arguments.get("input_ids"),
-                          record_positions=options.record_positions,
-                          budget=None if given is not None else controller.budget_in_effect(budget))
-        if state.budget is not None:
-            controller.require_selector()
-        # features encoded before the forward (generate() does this) arrive as mm_encoder_outputs
-        for modality, output in (call.arguments.get("mm_encoder_outputs") or {}).items():
-            if modality in state.recording and output is not None:
-                state.recording[modality].append(output)
-        clock = controller.selector.clock if controller.selector is not None else time.perf_counter
-        start = clock()
-        started = time.perf_counter()
-        with running(state):
-            output = self.original(*args, **kwargs)
-        note_target_forward(controller, started)
-        if state.choice is not None and state.stats is not None:
-            measured = clock() - start
-            choice = state.choice
-            controller.selector.load.observe(measured, choice.predicted_seconds / choice.load_factor)
-            state.stats.budget = {
-                "budget": choice.budget.describe(), "point": choice.point,
-                "predicted_flops_fraction": choice.predicted_flops_fraction,
-                "predicted_seconds": choice.predicted_seconds, "load_factor": choice.load_factor,
-                "measured_seconds": measured,
-            }
-        if state.stats is not None:
-            controller.remember(state.stats)
-        return output
-
-
-class Generate:
-    """``generate`` while patched: takes ``aim_config=`` for this generation only (generate()
-    itself refuses arguments its model's forward does not name)."""
-
-    def __init__(self, controller: Controller, original: Callable) -> None:
-        self.controller = controller
-        self.original = original
-        self.__wrapped__ = original
-
-    def __call__(self, *args, aim_config: AIMConfig | Mapping | None = None, aim_budget: float | None = None,
-                 aim_budget_ms: float | None = None, aim_draft: torch.nn.Module | None = None,
-                 aim_draft_tokens: int | None = None, **kwargs):
-        budget = budget_from(aim_budget, aim_budget_ms)
-        if aim_config is not None and budget is not None:
-            raise ValueError("give a call either aim_config or a budget (aim_budget / aim_budget_ms), not both")
-        if aim_draft_tokens is not None and aim_draft is None:
-            raise ValueError("aim_draft_tokens sets how many tokens the draft proposes: give aim_draft too")
-        def run(*a, **k):
-            if aim_draft is None:
-                return self.original(*a, **k)
-            # speculative decoding with a text-only draft (aim.speculative)
-            return generate_with_draft(self.controller, self.original, a, k, aim_draft, aim_draft_tokens)
-        if aim_config is None and budget is None:
-            return run(*args, **kwargs)
-        if budget is not None:
-            with call_options(self.controller, budget=budget, config=None):
-                return run(*args, **kwargs)
-        with call_options(self.controller, config=self.controller.per_call(aim_config), budget=None):
-            return run(*args, **kwargs)
-
-
-def budget_from(flops: float | None, ms: float | None):
-    """An `aim.budget.Budget` from a call's ``aim_budget`` / ``aim_budget_ms`` (None when neither)."""
-    if flops is None and ms is None:
-        return None
-    from ..budget.select import Budget
-
-    return Budget(flops=flops, ms=ms)
-
-
-_IN_FEATURES: contextvars.ContextVar = contextvars.ContextVar("aim_in_features", default=None)
-
-
-class FeatureFunction:
-    """``get_image_features`` / ``get_video_features`` while patched: notes each output's merge
-    groups and records the output for the call in progress."""
-
-    def __init__(self, controller: Controller, original: Callable, modality: str) -> None:
-        self.controller = controller
-        self.original = original
-        self.modality = modality
-        self.signature = inspect.signature(original)
-        self.__wrapped__ = original
-
-    def __call__(self, *args, **kwargs):
-        if _IN_FEATURES.get() is self.controller:
-            # a feature function called by another one (Qwen3-VL's get_video_features calls
-            # get_image_features): only the outermost call describes and records its output
-            return self.original(*args, **kwargs)
-        token = _IN_FEATURES.set(self.controller)
-        try:
-            return self._record(self.original(*args, **kwargs), args, kwargs)
-        finally:
-            _IN_FEATURES.reset(token)
-
-    def _record(self, output, args, kwargs):
-        controller = self.controller
-        pooled = getattr(output, "pooler_output", None)
-        if pooled is not None:
-            call = self.signature.bind_partial(*args, **kwargs)
-            describe = getattr(controller.family, f"{self.modality}_groups")
-            controller.groups.remember(output, pooled, describe(controller.multimodal, pooled, call))
-            state = current_call(controller)
-            if state is not None:
-                state.recording[self.modality].append(output)
-        return output
