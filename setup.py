@@ -31,7 +31,7 @@ setup(
         "tqdm",
     ],
     package_data={
-        "aim": ["model_configs/*/config.json", "default_model/*"],
+        "aim": ["model_configs/*/config.json", "default_model/*", "default_model/draft/*"],
         "aim.integrations.lmms_eval": ["tasks/*.yaml"],
     },
     extras_require={

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers as tf
 
-from aim import apply_aim, remove_aim
+from aim import apply_aim, last_stats, remove_aim
 from aim.speculative import last_draft_stats, visual_token_ids
 from aim.tiny import build_tiny_model, make_inputs
 
@@ -78,3 +78,30 @@ def test_sampling_runs_and_bad_drafts_are_clear_errors():
         model.generate(**inputs, max_new_tokens=2, aim_draft_tokens=3)
     remove_aim(model)
     assert "_get_candidate_generator" not in model.__dict__
+
+
+def test_rejected_tokens_are_cropped_from_every_layer_in_step_with_aims_lengths():
+    model = build_tiny_model("qwen2_vl", num_layers=4, seed=0)
+    inputs = make_inputs(model, kind="video", num_frames=4, text_lengths=(6,))
+    draft = tiny_draft(model)  # untrained: most drafted tokens are rejected
+    apply_aim(model, **PRUNING)
+    try:
+        with torch.no_grad():
+            plain = model.generate(**inputs, **GREEDY, return_dict_in_generate=True)
+            prefill = last_stats(model).tokens_per_layer_of(0)
+            drafted = model.generate(**inputs, **GREEDY, aim_draft=draft, aim_draft_tokens=4,
+                                     return_dict_in_generate=True)
+        stats = last_draft_stats(model)
+        assert stats.drafted > stats.accepted  # some drafted tokens were rejected and cropped
+        assert torch.equal(drafted.sequences, plain.sequences)
+
+        def lengths(cache):
+            return [layer.keys.shape[-2] for layer in cache.layers]
+
+        # every layer holds what AIM kept of the prompt there plus the generated tokens fed back
+        # (the last one never is), after rejections exactly as without a draft
+        expected = [n + GREEDY["max_new_tokens"] - 1 for n in prefill]
+        assert lengths(drafted.past_key_values) == lengths(plain.past_key_values) == expected
+        assert len(set(expected)) > 1  # the schedule really pruned: lengths differ across layers
+    finally:
+        remove_aim(model)

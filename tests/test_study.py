@@ -1,5 +1,6 @@
 """The study: synthetic QA generator, batching into model inputs, and the shipped trained model."""
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -94,11 +95,35 @@ def test_moving_object_colour_shape_and_direction_match_the_pixels(recipe):
             assert answers["still_colour"] in colours and answers["still_colour"] != movers[0]
 
 
+def test_descriptions_state_the_scenes_answers():
+    for kind in data.KINDS:
+        for example in examples_of(kind, 6, recipe="v2"):
+            a = {q.kind: q.answer for q in example.qa}
+            description = data.description_of(example)
+            assert description.question == f"describe the {'video' if example.is_video else 'image'} ."
+            text, words = description.answer, description.answer.split(" ")
+            assert 9 <= len(words) <= 30 and text.endswith(" .")
+            if kind.startswith("motion"):
+                assert text.startswith(f"a {a['motion_colour']} {a['motion_shape']} moves {a['motion_direction']} ")
+                assert ("still_colour" in a) == (f"the {a.get('still_colour')} " in text)
+            elif kind == "count":
+                target = example.question.split()[2]
+                assert text.startswith(f"there are {example.answer} {target} objects")
+            elif kind == "event_time":
+                assert text.startswith(f"a {a['event_colour']} {a['event_shape']} flashes at the {a['event_time']} ")
+            else:
+                assert text == f"a {a['image_colour']} {a['image_shape']} is at the {a['image_position']} of the image ."
+    with pytest.raises(ValueError, match="no description"):
+        data.description_of(data.make_example(0, "motion_colour", recipe="v1"))
+
+
 @pytest.mark.parametrize("recipe", tuple(data.RECIPES))
 def test_count_event_and_image_answers_match_the_pixels(recipe):
     counts = set()
     for example in examples_of("count", 24, recipe=recipe):
         for qa in example.qa:
+            if qa.kind != "count":
+                continue
             colour = qa.question.split()[2]
             frames_with = sum(colour in colour_masks(frame) for frame in example.pixels)
             assert str(frames_with) == qa.answer  # one object per frame
@@ -138,7 +163,7 @@ def test_recipes():
     for example in data.dataset("train", 48, recipe="v2"):
         for qa in example.qa:
             assert tokenizer.unk_token_id not in tokenizer(qa.question, add_special_tokens=False)["input_ids"], qa
-            assert tokenizer.convert_tokens_to_ids(qa.answer) != tokenizer.unk_token_id
+            assert tokenizer.unk_token_id not in tokenizer.convert_tokens_to_ids(qa.answer.split(" ")), qa
 
 
 def test_stream_mixes_clip_lengths():
@@ -154,6 +179,29 @@ def test_stream_mixes_clip_lengths():
 @pytest.fixture(scope="module")
 def small_model():
     return build_model(num_layers=2, hidden_size=32, vision_hidden=32, vision_layers=1)
+
+
+def test_multi_word_answers_are_one_target_per_word_and_a_closing_end(small_model):
+    tokenizer = build_tokenizer()
+    examples = [data.make_example(data.split_seed("train", i), kind, recipe="v2") for i, kind in enumerate(data.KINDS)]
+    inputs = to_inputs(examples, tokenizer, small_model.config, turns=5, complete=True)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i, example in enumerate(examples):
+        keep = inputs["answer_ids"][i] != -100
+        positions, targets = inputs["answer_positions"][i][keep], inputs["answer_ids"][i][keep]
+        # teacher forcing: each target is the token that follows its position
+        assert inputs["input_ids"][i][positions + 1].tolist() == targets.tolist()
+        expected = []
+        for qa in example.qa[:5]:
+            words = tokenizer.convert_tokens_to_ids(qa.answer.split(" "))
+            expected += words if len(words) == 1 else [*words, end]
+        assert targets.tolist() == expected
+    # without ``complete`` the prompt ends where the last answer is due: a description's first word
+    # is its one target, predicted at the prompt's last position
+    asked = [dataclasses.replace(e, qa=(data.description_of(e),)) for e in examples]
+    short = to_inputs(asked, tokenizer, small_model.config)
+    assert short["answer_ids"][:, 0].tolist() == tokenizer.convert_tokens_to_ids([e.answer.split(" ")[0] for e in asked])
+    assert short["answer_ids"].shape[1] == 1 and (short["answer_positions"][:, 0] == short["input_ids"].shape[1] - 1).all()
 
 
 def test_inputs_have_the_visual_token_count_the_model_expects(small_model):

@@ -6,7 +6,8 @@ seed ranges (:data:`SPLIT_OFFSETS`): example ``i`` of split ``s`` has seed ``SPL
 
 Frames are textured backgrounds (smooth noise, stripes or gradients in muted, low-saturation
 colours, with a little per-frame grain), so most visual tokens are redundant as in real video, and
-a few saturated shapes carry the answer. Scenes and their questions (each answer one word):
+a few saturated shapes carry the answer. Scenes and their questions (each answer one word; the
+``v2`` recipe also asks for each scene's templated description, 9-17 words):
 
 ==================  ==============================================================  ===========
 kind                question (scene)                                                answers
@@ -25,7 +26,9 @@ How salient the evidence is depends on the :class:`Recipe` (:data:`RECIPES`): ``
 the first default model) draws shapes 20-28 px wide moving 4-6 px per frame past up to two still
 distractors; ``v2`` draws them 24-32 px wide moving 7-10 px per frame past at most one, counts 1-3
 rather than 1-4, and asks more about each scene in training (the still shape's colour; the flashing
-shape's colour and shape). Unless a recipe is named, the splits are :data:`DEFAULT_RECIPE`'s.
+shape's colour and shape; the scene's description, e.g. "a red circle moves left in the video .
+the blue square stays still ."; :func:`description_of`). In training the description is always a
+later turn of a conversation, never the first. Unless a recipe is named, the splits are :data:`DEFAULT_RECIPE`'s.
 
 An :class:`Example` carries its pixels (uint8, ``(T, H, W, 3)`` for a video, ``(H, W, 3)`` for an
 image) and one or more :class:`QA` about them: the first is the example's question; the others
@@ -39,10 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 35, 35), "green": (35, 185, 55), "blue": (40, 75, 235), "yellow": (240, 220, 35),
-}
-SHAPES = ("square", "circle", "triangle")
+from .render import COLOURS, HALF_SIZE, SHAPES, Sprite, render_frames, still_sprite
+
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 COUNTS = ("1", "2", "3", "4")
 TIMES = ("beginning", "middle", "end")
@@ -68,13 +69,17 @@ QUESTION_WORDS = tuple(
     "what colour is the moving object ? which direction does move shape how many objects are there "
     "in video when flash image where still flashing".split()
 )
+#: words of the templated descriptions (:func:`description_of`); those the tokenizer lacks come last
+#: in the study vocabulary, so that adding them kept every earlier word's token id
+DESCRIPTION_WORDS = ("describe", "a", "moves", "flashes", "at", "of", "and", "stays")
+#: the description question's kind (an extra turn of every scene under recipes with ``describe_turns``)
+DESCRIBE = "describe"
 
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
 SPLIT_SIZE = 1_000_000_000  # seeds per split: the ranges never overlap
 
 NUM_FRAMES = 8
 FRAME_SIZE = 96
-HALF_SIZE = (10, 14)  # half-size range of a shape in pixels (a 20-28 px shape covers ~3x3 patches of 8 px)
 MAX_SCALE = 1.6  # largest shape-size multiplier (see make_example)
 SPEED = (0.04, 0.06)  # range of a moving shape's speed, in frame widths per frame (96 px: 3.8-5.8 px)
 
@@ -90,14 +95,15 @@ class Recipe:
     event_turns: bool = False  #: event scenes also ask the flashing object's colour and shape (extra turns)
     still_turns: bool = False  #: motion scenes with a still shape also ask its colour (extra turn)
     placement_tries: int = 30  #: random positions tried for a still shape before giving up
+    describe_turns: bool = False  #: every scene also asks for its templated description (multi-token answer)
 
 
 #: named recipes: "v1" made the first default model; "v2": bigger shapes, faster motion, fewer
-#: distractors, counts 1-3, more questions per scene
+#: distractors, counts 1-3, more questions per scene, and a templated description of every scene
 RECIPES = {
     "v1": Recipe(),
     "v2": Recipe(half_size=(12, 16), speed=(0.07, 0.10), motion_distractors=1, max_count=3, event_turns=True,
-                 still_turns=True, placement_tries=500),
+                 still_turns=True, placement_tries=500, describe_turns=True),
 }
 #: the recipe of the splits unless one is named (the one the shipped default model was trained on)
 DEFAULT_RECIPE = "v1"
@@ -122,7 +128,8 @@ def answers_of(kind: str, recipe: str | Recipe | None = None) -> tuple[str, ...]
 
 @dataclass(frozen=True)
 class QA:
-    """One question about an example's pixels, with its one-word answer."""
+    """One question about an example's pixels, with its answer (one word; several words, separated
+    by single spaces, for descriptions)."""
 
     kind: str
     question: str
@@ -159,108 +166,6 @@ class Example:
 
 
 # ------------------------------------------------------------------------------------------
-# Rendering
-# ------------------------------------------------------------------------------------------
-
-
-def _muted_colour(rng: np.random.Generator) -> np.ndarray:
-    """A low-saturation colour: a grey level with a small tint (channels within +-22 of it)."""
-    return rng.uniform(70, 170) + rng.uniform(-22, 22, size=3)
-
-
-def background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A textured float background ``(size, size, 3)``: smooth noise, stripes or a gradient."""
-    a, b = _muted_colour(rng), _muted_colour(rng)
-    coords = np.arange(size, dtype=np.float32) / size
-    texture = rng.integers(3)
-    if texture == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
-        cells = int(rng.integers(3, 7))
-        grid = rng.uniform(0, 1, size=(cells + 1, cells + 1)).astype(np.float32)
-        pos = coords * cells
-        i = np.minimum(pos.astype(int), cells - 1)
-        f = pos - i
-        rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]  # (size, cells + 1)
-        weight = rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
-    elif texture == 1:  # stripes of random orientation and period
-        theta, period = rng.uniform(0, np.pi), rng.uniform(0.08, 0.3)
-        proj = np.cos(theta) * coords[None, :] + np.sin(theta) * coords[:, None]
-        weight = 0.5 + 0.5 * np.sin(2 * np.pi * proj / period + rng.uniform(0, 2 * np.pi))
-    else:  # linear gradient in a random direction
-        theta = rng.uniform(0, 2 * np.pi)
-        proj = np.cos(theta) * coords[None, :] + np.sin(theta) * coords[:, None]
-        weight = (proj - proj.min()) / max(float(np.ptp(proj)), 1e-6)
-    return a + (b - a) * weight[..., None].astype(np.float32)
-
-
-def shape_masks(shape: str, cx: np.ndarray, cy: np.ndarray, half: float, size: int) -> np.ndarray:
-    """Boolean masks ``(n, size, size)`` of a filled shape centred at ``(cx[k], cy[k])``.
-
-    ``half`` is the half-size in pixels; triangles point up (apex at ``cy - half``).
-    """
-    ys = np.arange(size, dtype=np.float32)[None, :, None]
-    xs = np.arange(size, dtype=np.float32)[None, None, :]
-    dx = xs - np.asarray(cx, dtype=np.float32)[:, None, None]
-    dy = ys - np.asarray(cy, dtype=np.float32)[:, None, None]
-    if shape == "square":
-        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if shape == "circle":
-        return dx**2 + dy**2 <= half**2
-    if shape == "triangle":
-        return (dy >= -half) & (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-
-
-@dataclass
-class _Sprite:
-    shape: str
-    colour: str
-    half: float
-    cx: np.ndarray  # (T,) centre per frame
-    cy: np.ndarray
-    visible: np.ndarray  # (T,) bool
-
-    def box(self, t: int) -> tuple[float, float, float, float]:
-        return (self.cx[t] - self.half, self.cy[t] - self.half, self.cx[t] + self.half, self.cy[t] + self.half)
-
-
-def _render(rng: np.random.Generator, sprites: Sequence[_Sprite], frames: int, size: int) -> np.ndarray:
-    """Frames ``(T, size, size, 3)`` uint8: one background for the clip, per-frame grain, sprites."""
-    video = np.broadcast_to(background(rng, size), (frames, size, size, 3)).copy()
-    video += rng.normal(0.0, 3.0, size=(frames, size, size, 1)).astype(np.float32)
-    for sprite in sprites:
-        shown = np.flatnonzero(sprite.visible)
-        masks = shape_masks(sprite.shape, sprite.cx[shown], sprite.cy[shown], sprite.half, size)
-        tint = np.asarray(COLOURS[sprite.colour], dtype=np.float32) + rng.uniform(-12, 12, size=3)
-        for k, t in enumerate(shown):
-            video[t][masks[k]] = tint
-    return np.clip(video, 0, 255).astype(np.uint8)
-
-
-def _overlaps(box: tuple, others: Sequence[tuple], margin: float = 3.0) -> bool:
-    x0, y0, x1, y1 = box
-    return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin for b in others)
-
-
-def _still(rng: np.random.Generator, colour: str, frames: int, size: int, visible: np.ndarray,
-           avoid: Sequence[tuple], shape: str | None = None, region: tuple | None = None,
-           scale: float = 1.0, half_size: tuple[float, float] = HALF_SIZE, tries: int = 30) -> _Sprite | None:
-    """A still sprite placed off the boxes in ``avoid`` (``None`` if no place is found).
-
-    ``region``: ``(x_min, x_max, y_min, y_max)`` bounds of the centre; default the whole frame.
-    """
-    half = float(rng.uniform(*half_size)) * scale
-    shape = shape or SHAPES[rng.integers(len(SHAPES))]
-    lo, hi = half + 2, size - half - 2
-    x_min, x_max, y_min, y_max = region or (lo, hi, lo, hi)
-    for _ in range(tries):
-        cx, cy = rng.uniform(max(x_min, lo), min(x_max, hi)), rng.uniform(max(y_min, lo), min(y_max, hi))
-        box = (cx - half, cy - half, cx + half, cy + half)
-        if not _overlaps(box, avoid):
-            return _Sprite(shape, colour, half, np.full(frames, cx), np.full(frames, cy), visible)
-    return None
-
-
-# ------------------------------------------------------------------------------------------
 # Scenes
 # ------------------------------------------------------------------------------------------
 
@@ -287,18 +192,18 @@ def motion_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int =
     x0 = rng.uniform(lo - min(dx, 0) * travel, hi - max(dx, 0) * travel)
     y0 = rng.uniform(lo - min(dy, 0) * travel, hi - max(dy, 0) * travel)
     steps = np.arange(frames, dtype=np.float32) * speed
-    mover = _Sprite(shape, colour, half, x0 + dx * steps, y0 + dy * steps, np.ones(frames, bool))
+    mover = Sprite(shape, colour, half, x0 + dx * steps, y0 + dy * steps, np.ones(frames, bool))
     sprites = [mover]
     swept = (min(mover.cx) - half, min(mover.cy) - half, max(mover.cx) + half, max(mover.cy) + half)
     avoid = [swept]
     others = [c for c in COLOURS if c != colour]
     for k in range(int(rng.integers(0, max_distractors + 1))):
-        still = _still(rng, others[int(rng.integers(len(others)))], frames, size, np.ones(frames, bool), avoid,
+        still = still_sprite(rng, others[int(rng.integers(len(others)))], frames, size, np.ones(frames, bool), avoid,
                        scale=scale, half_size=r.half_size, tries=r.placement_tries)
         if still is not None:
             sprites.append(still)
             avoid.append(still.box(0))
-    pixels = _render(rng, sprites, frames, size)
+    pixels = render_frames(rng, sprites, frames, size)
     qa = [
         QA("motion_colour", "what colour is the moving object ?", colour),
         QA("motion_direction", "which direction does the object move ?", direction),
@@ -306,6 +211,9 @@ def motion_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int =
     ]
     if r.still_turns and len(sprites) == 2:
         qa.append(QA("still_colour", "what colour is the still object ?", sprites[1].colour))
+    if r.describe_turns:
+        still = "".join(f" the {s.colour} {s.shape} stays still ." for s in sprites[1:])
+        qa.append(_describe(f"a {colour} {shape} moves {direction} in the video .{still}", video=True))
     return pixels, qa
 
 
@@ -326,15 +234,18 @@ def count_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = 
         t = int(order[k])  # every object in its own frame: counting needs the whole clip
         visible = np.zeros(frames, bool)
         visible[t] = True
-        sprite = _still(rng, target if k < n_target else second, frames, size, visible, boxes[t], scale=scale,
+        sprite = still_sprite(rng, target if k < n_target else second, frames, size, visible, boxes[t], scale=scale,
                         half_size=r.half_size, tries=r.placement_tries)
         assert sprite is not None  # alone in its frame: always placeable
         sprites.append(sprite)
         boxes[t].append(sprite.box(t))
-    pixels = _render(rng, sprites, frames, size)
+    pixels = render_frames(rng, sprites, frames, size)
     qa = [QA("count", f"how many {target} objects are there in the video ?", str(n_target))]
     if n_second:
         qa.append(QA("count", f"how many {second} objects are there in the video ?", str(n_second)))
+    if r.describe_turns:
+        others = f" and {n_second} {second} objects" if n_second else ""
+        qa.append(_describe(f"there are {n_target} {target} objects{others} in the video .", video=True))
     return pixels, qa
 
 
@@ -358,21 +269,25 @@ def event_scene(rng: np.random.Generator, frames: int = NUM_FRAMES, size: int = 
     with_still = bool(rng.integers(2))
     for _ in range(20):  # a still shape in the middle of the frame can leave no room: place it again
         if with_still:
-            still = _still(rng, _pick(rng, [c for c in COLOURS if c != colour]), frames, size, np.ones(frames, bool),
+            still = still_sprite(rng, _pick(rng, [c for c in COLOURS if c != colour]), frames, size, np.ones(frames, bool),
                            [], scale=scale, half_size=r.half_size, tries=r.placement_tries)
             sprites, avoid = [still], [still.box(0)]
-        flash = _still(rng, colour, frames, size, visible, avoid, scale=scale, half_size=r.half_size,
+        flash = still_sprite(rng, colour, frames, size, visible, avoid, scale=scale, half_size=r.half_size,
                        tries=r.placement_tries)
         if flash is not None:
             break
     else:  # pragma: no cover - practically impossible
         raise RuntimeError("could not place the flashing shape")
     sprites.append(flash)
-    pixels = _render(rng, sprites, frames, size)
+    pixels = render_frames(rng, sprites, frames, size)
     qa = [QA("event_time", "when does the object flash ?", TIMES[when])]
     if r.event_turns:
         qa.append(QA("event_colour", "what colour is the flashing object ?", colour))
         qa.append(QA("event_shape", "what shape is the flashing object ?", flash.shape))
+    if r.describe_turns:
+        still = "".join(f" the {s.colour} {s.shape} stays still ." for s in sprites[:-1])
+        qa.append(_describe(f"a {colour} {flash.shape} flashes at the {TIMES[when]} of the video .{still}",
+                            video=True))
     return pixels, qa
 
 
@@ -384,15 +299,30 @@ def image_scene(rng: np.random.Generator, size: int = FRAME_SIZE, scale: float =
     near, mid = (0.0, size * 0.3), (size * 0.3, size * 0.7)
     far = (size * 0.7, float(size))
     region = {"left": near + mid, "right": far + mid, "top": mid + near, "bottom": mid + far}[position]
-    sprite = _still(rng, colour, 1, size, np.ones(1, bool), [], shape=shape, region=region, scale=scale,
+    sprite = still_sprite(rng, colour, 1, size, np.ones(1, bool), [], shape=shape, region=region, scale=scale,
                     half_size=r.half_size, tries=r.placement_tries)
-    pixels = _render(rng, [sprite], 1, size)[0]
+    pixels = render_frames(rng, [sprite], 1, size)[0]
     qa = [
         QA("image_colour", "what colour is the object in the image ?", colour),
         QA("image_shape", "what shape is the object in the image ?", shape),
         QA("image_position", "where is the object in the image ?", position),
     ]
+    if r.describe_turns:
+        qa.append(_describe(f"a {colour} {shape} is at the {position} of the image .", video=False))
     return pixels, qa
+
+
+def _describe(sentence: str, video: bool) -> QA:
+    return QA(DESCRIBE, f"describe the {'video' if video else 'image'} .", sentence)
+
+
+def description_of(example: Example) -> QA:
+    """The example's description question and its templated answer (examples of recipes with
+    ``describe_turns``; raises otherwise)."""
+    for qa in example.qa:
+        if qa.kind == DESCRIBE:
+            return qa
+    raise ValueError("this example has no description (its recipe has describe_turns=False; v2 has it)")
 
 
 # ------------------------------------------------------------------------------------------

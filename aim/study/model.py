@@ -2,7 +2,7 @@
 
 The model is transformers' own ``LlavaOnevisionForConditionalGeneration`` (SigLIP vision tower,
 2-layer GELU projector, Qwen2 decoder), configured through :mod:`aim.tiny`'s builders with a wider
-vision tower (:data:`STUDY_MODEL`: 12 decoder layers of width 128, a 2-layer vision tower of width
+vision tower (:data:`STUDY_MODEL`: 12 decoder layers of width 128, a 3-layer vision tower of width
 96; the first shipped default model had 8 layers and width 64 there): 96 px frames, patch 8, so
 12x12 patches per frame, pooled 2x2 by the model to 6x6 = 36 tokens per frame; an 8-frame clip is
 8 x 36 + 1 (newline) = 289 visual tokens (16 frames: 577), a 96 px image 144 (base view) + 144 + 12
@@ -47,10 +47,11 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 #: sizes of the study model (LLM layers / width; vision tower width / depth; frame size): 12 LLM
 #: layers, so that pruning at half depth resembles pruning the 28-layer models of the AIM paper
 #: (the first default model had 8 layers and a 64-wide vision tower; its config.json has its sizes)
-STUDY_MODEL = dict(num_layers=12, hidden_size=128, vision_hidden=96, vision_layers=2, image_size=data.FRAME_SIZE)
+STUDY_MODEL = dict(num_layers=12, hidden_size=128, vision_hidden=96, vision_layers=3, image_size=data.FRAME_SIZE)
 
 #: study words the lmms-eval tokenizer lacks; they replace its first filler words ``w0, w1, ...``
-EXTRA_WORDS = tuple(w for w in (*data.ANSWER_WORDS, *data.QUESTION_WORDS) if w not in checkpoint.WORDS)
+EXTRA_WORDS = tuple(dict.fromkeys(
+    w for w in (*data.ANSWER_WORDS, *data.QUESTION_WORDS, *data.DESCRIPTION_WORDS) if w not in checkpoint.WORDS))
 
 
 def build_model(
@@ -202,6 +203,7 @@ def to_inputs(
     processor,
     config: tf.PretrainedConfig,
     turns: int = 1,
+    complete: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Batch ``examples`` as the LLaVA-OneVision processor would: chat prompts with the visual
     placeholder expanded to the model's visual token count, left padding, ``pixel_values_videos``
@@ -215,11 +217,17 @@ def to_inputs(
         turns: questions per example: ``1`` asks the first question (the prompt ends where its
             answer is due, so ``logits[:, -1]`` predict it); ``k > 1`` makes a conversation of up to
             ``k`` of the example's questions, each followed by its answer except the last.
+        complete: also append the last question's answer (training: every answer token is then a
+            target).
 
     Returns:
         the model's inputs plus ``answer_positions`` / ``answer_ids`` ``(B, K)`` (``-1`` / ``-100``
-        where an example has fewer questions): the position whose next-token logits predict each
-        answer (counted in the padded sequence) and the answer's token id.
+        where an example has fewer): the position whose next-token logits predict each answer
+        token (counted in the padded sequence) and that token's id. A one-word answer is one
+        target; a several-word answer (a description) is one target per word and one for the
+        ``<|im_end|>`` that closes it, so that the model learns where to stop. Targets of the
+        last question beyond its first token need ``complete=True`` (without it the prompt ends
+        where the answer is due).
     """
     if not examples:
         raise ValueError("no examples")
@@ -233,16 +241,28 @@ def to_inputs(
         text = prompt_text(qa[0].question, example.is_video)
         for prev, nxt in zip(qa[:-1], qa[1:]):
             text += follow_up_text(prev.answer, nxt.question)
+        if complete:
+            text += f"{qa[-1].answer}<|im_end|>"
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         placeholder = config.video_token_id if example.is_video else config.image_token_id
         at = ids.index(placeholder)
         n = visual_token_count(config, example.is_video, len(example.pixels) if example.is_video else 1)
         ids = ids[:at] + [placeholder] * n + ids[at + 1 :]
-        # each "assistant" position is where an answer is due
+        # each "assistant" position is where an answer is due; its words follow it one by one
         ends = [i for i, t in enumerate(ids) if t == _assistant_id(tokenizer)]
+        pos, ans = [], []
+        for k, (end, q) in enumerate(zip(ends, qa)):
+            if k < len(qa) - 1 or complete:
+                tokens = answer_tokens(tokenizer, q.answer)
+                if ids[end + 1 : end + 1 + len(tokens)] != tokens:  # pragma: no cover - tokenizer guard
+                    raise RuntimeError(f"answer {q.answer!r} is not where it was expected in the prompt")
+            else:  # the prompt ends where the answer is due: its first word is the target
+                tokens = [tokenizer.convert_tokens_to_ids(q.answer.split(" ")[0])]
+            pos.extend(range(end, end + len(tokens)))
+            ans.extend(tokens)
         sequences.append(ids)
-        answer_pos.append(ends[: len(qa)])
-        answer_ids.append(tokenizer.convert_tokens_to_ids([q.answer for q in qa]))
+        answer_pos.append(pos)
+        answer_ids.append(ans)
     length = max(len(s) for s in sequences)
     width = max(len(p) for p in answer_pos)
     batch = len(examples)
@@ -284,6 +304,16 @@ def answer_token_ids(processor, words: Sequence[str] = data.ANSWER_WORDS) -> lis
     if unknown:
         raise ValueError(f"answer words outside the vocabulary: {unknown}")
     return ids
+
+
+def answer_tokens(tokenizer, answer: str) -> list[int]:
+    """Target token ids of an answer: its word for a one-word answer; each word and the closing
+    ``<|im_end|>`` for a several-word answer (raises on words outside the vocabulary)."""
+    words = answer.split(" ")
+    ids = tokenizer.convert_tokens_to_ids(words)
+    if tokenizer.unk_token_id in ids:
+        raise ValueError(f"answer words outside the vocabulary: {[w for w, i in zip(words, ids) if i == tokenizer.unk_token_id]}")
+    return ids if len(ids) == 1 else [*ids, tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
 def _assistant_id(tokenizer) -> int:

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from ...optional import MissingDependency, install_hint
-from ...study.data import shape_masks
+from ...study.render import shape_masks
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 TASK_FILES = ("aim_synth_video.yaml", "aim_synth_image.yaml", "aim_synth.yaml")
@@ -71,7 +71,7 @@ BACKGROUND = (20, 20, 20)
 
 def _draw(canvas: np.ndarray, shape: str, cx: float, cy: float, half: int, colour: tuple[int, int, int]) -> None:
     """Draw a filled shape centred at (cx, cy) with half-size `half` into a square HxHx3 uint8 canvas
-    (the study data's shapes: `aim.study.data.shape_masks`)."""
+    (the study data's shapes: `aim.study.render.shape_masks`)."""
     canvas[shape_masks(shape, [cx], [cy], half, canvas.shape[0])[0]] = colour
 
 
@@ -130,20 +130,22 @@ def make_image(rng: np.random.RandomState, size: int) -> tuple[np.ndarray, dict]
 # ------------------------------------------------------------------------------------------
 
 
-def write_mp4(path: Path, clip: np.ndarray, fps: int = 4) -> None:
-    """Encode an (T, H, W, 3) uint8 clip as MPEG-4 Part 2 in an .mp4 (PyAV, else OpenCV)."""
+def _encode(path: Path, clip: np.ndarray, fps: int, codec: str, pix_fmt: str, fourcc: str,
+            container_format: str | None = None, options: dict | None = None) -> None:
+    """Encode an (T, H, W, 3) uint8 RGB clip with PyAV (``codec`` / ``pix_fmt``), else OpenCV (``fourcc``)."""
     try:
         import av
     except ImportError:
         av = None
     if av is not None:
-        with av.open(str(path), mode="w") as container:
-            stream = container.add_stream("mpeg4", rate=fps)
+        with av.open(str(path), mode="w", format=container_format) as container:
+            stream = container.add_stream(codec, rate=fps)
             stream.width, stream.height = clip.shape[2], clip.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"qscale": "2"}  # near-lossless: colours survive
+            stream.pix_fmt = pix_fmt
+            if options:
+                stream.options = options
             for frame in clip:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
@@ -152,10 +154,18 @@ def write_mp4(path: Path, clip: np.ndarray, fps: int = 4) -> None:
         import cv2
     except ImportError:
         raise MissingDependency(f"writing the videos needs PyAV or OpenCV, which lmms-eval installs: {install_hint('eval')}") from None
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (clip.shape[2], clip.shape[1]))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (clip.shape[2], clip.shape[1]))
+    if not writer.isOpened():
+        raise MissingDependency(f"this OpenCV cannot write {fourcc} videos; install PyAV: {install_hint('eval')}")
     for frame in clip:
-        writer.write(frame[:, :, ::-1].copy())
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
     writer.release()
+
+
+def write_mp4(path: Path, clip: np.ndarray, fps: int = 4) -> None:
+    """Encode an (T, H, W, 3) uint8 clip as MPEG-4 Part 2 in an .mp4 (PyAV, else OpenCV)."""
+    # qscale 2: near-lossless, colours survive
+    _encode(path, clip, fps, codec="mpeg4", pix_fmt="yuv420p", fourcc="mp4v", options={"qscale": "2"})
 
 
 def _prompt(question: str, options: list[str]) -> str:
@@ -240,31 +250,8 @@ def write_lossless_video(path: Path, clip: np.ndarray, fps: int = 4) -> None:
 
     decord, which lmms-eval's ``llava_hf`` and the aim models decode videos with, reads such a file
     back to exactly these pixels (an MPEG-4 file would change them a little)."""
-    try:
-        import av
-    except ImportError:
-        av = None
-    if av is not None:
-        with av.open(str(path), mode="w", format="matroska") as container:
-            stream = container.add_stream("ffv1", rate=fps)
-            stream.width, stream.height = clip.shape[2], clip.shape[1]
-            stream.pix_fmt = "bgr0"  # FFV1's RGB layout: no chroma subsampling, no rounding
-            for frame in clip:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        return
-    try:
-        import cv2
-    except ImportError:
-        raise MissingDependency(f"writing the videos needs PyAV or OpenCV, which lmms-eval installs: {install_hint('eval')}") from None
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (clip.shape[2], clip.shape[1]))
-    if not writer.isOpened():
-        raise MissingDependency(f"this OpenCV cannot write FFV1 videos; install PyAV: {install_hint('eval')}")
-    for frame in clip:
-        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
-    writer.release()
+    # bgr0: FFV1's RGB layout, no chroma subsampling, no rounding
+    _encode(path, clip, fps, codec="ffv1", pix_fmt="bgr0", fourcc="FFV1", container_format="matroska")
 
 
 def _decoder():
