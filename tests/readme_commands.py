@@ -61,9 +61,9 @@ CHECKS = [
     Check("aim flops --model qwen2-vl-7b --frames 32 --tokens-per-frame 256 --merge-keep 0.5 --prune-start 10"),
     Check("aim flops --model aim/model_configs/llava-1.5-7b/config.json --images 5 --tokens-per-image 729 --no-prune"),
     Check("aim visualize --out docs/kept_tokens.png", "aim visualize --out {tmp}/kept_tokens.png", needs="plot", says_extra=True),
-    Check("python -m aim.study.train --out aim/default_model --recipe v1 --num-layers 8 --vision-hidden 64 --steps 2400 "
-          "--batch-size 16 --turns 3 --warmup 100",
-          "python -m aim.study.train --out {tmp}/study_model --recipe v1 --num-layers 8 --vision-hidden 64 --steps 2 "
+    Check("python -m aim.study.train --out aim/default_model --recipe v1 --num-layers 8 --vision-hidden 64 --vision-layers 2 "
+          "--steps 2400 --batch-size 16 --turns 3 --warmup 100",
+          "python -m aim.study.train --out {tmp}/study_model --recipe v1 --num-layers 8 --vision-hidden 64 --vision-layers 2 --steps 2 "
           "--batch-size 2 --turns 3 --warmup 100 --eval-every 0 --test-size 8"),
     Check("python -m aim.study.evaluate --aim", "python -m aim.study.evaluate --aim --n 16"),
     Check("python benchmarks/accuracy_vs_flops.py --plot docs/accuracy_vs_flops.png",
