@@ -106,7 +106,7 @@ RECIPES = {
                  still_turns=True, placement_tries=500, describe_turns=True),
 }
 #: the recipe of the splits unless one is named (the one the shipped default model was trained on)
-DEFAULT_RECIPE = "v1"
+DEFAULT_RECIPE = "v2"
 
 
 def recipe_of(recipe: str | Recipe | None) -> Recipe:
