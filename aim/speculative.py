@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
+from . import compat
 from .context import owned, scoped
 
 DEFAULT_DRAFT_TOKENS = 5
@@ -79,6 +80,9 @@ class DraftRun:
     draft: torch.nn.Module
     visual_ids: tuple[int, ...]
     stats: DraftStats
+    confidence_threshold: float = 0.0
+    schedule: str = "constant"
+    prompt_length: int | None = None
     started: float = 0.0
     prefill_done: bool = False
 
@@ -102,13 +106,69 @@ def note_target_forward(owner: Any, started: float) -> None:
         run.stats.prefill_seconds = time.perf_counter() - started
 
 
+#: forward arguments laid along the sequence (last dimension), sliced when the first verify is split
+_SEQUENCE_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids",
+                       "cache_position")
+
+
+def prompt_split(owner: Any, kwargs: dict) -> int | None:
+    """The prompt length where a drafted generation's first target forward must be cut in two.
+
+    transformers' assisted decoding runs the prompt and the first drafted tokens in one forward.
+    Under AIM that forward is the prefill, and the drafted tokens would take part in it: PageRank
+    would rank the visual tokens by the attention of text the target never wrote, and AIM alone
+    would prune differently. So the prompt runs alone (merging, pruning) and the drafted tokens
+    are verified on its cache, as every later round is. None: no split needed."""
+    run = current_run(owner)
+    ids = kwargs.get("input_ids")
+    if run is None or run.prefill_done or run.prompt_length is None or not isinstance(ids, torch.Tensor):
+        return None
+    return run.prompt_length if ids.shape[-1] > run.prompt_length else None
+
+
+def forward_prompt_then_drafted(forward, split: int, kwargs: dict):
+    """`forward` (the patched multimodal forward) over the prompt ``[:split]`` with every visual
+    input, then over the drafted tokens on its cache (text only), with the logits joined as one
+    forward over both would return them (``logits_to_keep`` honoured)."""
+    length = kwargs["input_ids"].shape[-1]
+    head, tail = {}, {}
+    for name, value in kwargs.items():
+        if name in _SEQUENCE_ARGUMENTS and isinstance(value, torch.Tensor):
+            head[name] = value[..., :split]
+            # a 2-D padding mask covers the cache too: the tail's is the whole mask
+            tail[name] = value if name == "attention_mask" and value.ndim == 2 else value[..., split:]
+        elif name in compat.CACHE_NAMES or name == "logits_to_keep":
+            head[name] = value
+        elif name.startswith("aim_"):
+            head[name] = tail[name] = value  # this call's AIM options
+        elif name == "mm_encoder_outputs" or isinstance(value, (torch.Tensor, list, tuple, dict)):
+            head[name] = value  # visual inputs (pixels, grids, encoded features): the prompt's
+        else:
+            head[name] = tail[name] = value  # flags (use_cache, return_dict, ...)
+    keep = kwargs.get("logits_to_keep")
+    if isinstance(keep, int) and keep > 0:
+        head["logits_to_keep"], tail["logits_to_keep"] = 1, min(keep - 1, length - split)
+    first = forward(**head)
+    cache = compat.output_cache(first)
+    given = [name for name in compat.CACHE_NAMES if name in kwargs]
+    tail[given[0] if given else compat.OUTPUT_CACHE_FIELD] = cache
+    second = forward(**tail)
+    # the patched forward is the multimodal base model's (hidden states) or, where there is no
+    # base, the generating model's (logits)
+    field = "logits" if getattr(second, "logits", None) is not None else "last_hidden_state"
+    before = getattr(first, field)[:, -1:] if isinstance(keep, int) and keep > 0 else getattr(first, field)
+    setattr(second, field, torch.cat([before, getattr(second, field)], dim=1))
+    return second
+
+
 class TextOnlyCandidateGenerator(AssistedCandidateGenerator):
     """transformers' assisted candidate generator whose draft sees the text of the conversation
     only: visual placeholder positions are dropped from the ids it is given and from its mask, and
     no visual keyword argument reaches it. Candidates are returned in the target's id space."""
 
     def __init__(self, input_ids, assistant_model, generation_config, model_kwargs, inputs_tensor=None,
-                 logits_processor=None, visual_ids: tuple[int, ...] = (), stats: DraftStats | None = None):
+                 logits_processor=None, visual_ids: tuple[int, ...] = (), stats: DraftStats | None = None,
+                 draft_tokens: int | None = None, confidence_threshold: float = 0.0, schedule: str = "constant"):
         if input_ids.shape[0] != 1:
             raise ValueError("speculative decoding with a draft runs one prompt at a time (batch size 1)")
         self.visual_ids = torch.tensor(visual_ids, dtype=torch.long, device=input_ids.device)
@@ -117,6 +177,14 @@ class TextOnlyCandidateGenerator(AssistedCandidateGenerator):
         mask = model_kwargs.get("attention_mask")
         text_kwargs = {"attention_mask": mask[:, keep]} if isinstance(mask, torch.Tensor) and mask.ndim == 2 else {}
         super().__init__(input_ids[:, keep], assistant_model, generation_config, text_kwargs, None, logits_processor)
+        # transformers reads these from the draft's own generation_config (a module shared by every
+        # call); this call's settings go on the generator's private copy instead
+        if draft_tokens is not None:
+            self.num_assistant_tokens = draft_tokens
+        self.assistant_confidence_threshold = confidence_threshold
+        self.assistant_generation_config.assistant_confidence_threshold = confidence_threshold
+        self.generation_config.assistant_confidence_threshold = confidence_threshold  # what the draft runs with
+        self.assistant_generation_config.num_assistant_tokens_schedule = schedule
 
     def _text_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         return ~torch.isin(input_ids[0], self.visual_ids.to(input_ids.device))
@@ -163,7 +231,8 @@ class CandidateGeneratorHook:
         return TextOnlyCandidateGenerator(
             input_ids=kwargs["input_ids"], assistant_model=run.draft, generation_config=kwargs["generation_config"],
             model_kwargs=kwargs["model_kwargs"], logits_processor=kwargs.get("logits_processor"),
-            visual_ids=run.visual_ids, stats=run.stats,
+            visual_ids=run.visual_ids, stats=run.stats, draft_tokens=run.stats.draft_tokens,
+            confidence_threshold=run.confidence_threshold, schedule=run.schedule,
         )
 
 
@@ -196,15 +265,19 @@ def generate_with_draft(controller, original, args, kwargs, draft, draft_tokens:
     for name in ("assistant_model", "prompt_lookup_num_tokens"):
         if kwargs.get(name) is not None:
             raise ValueError(f"give either aim_draft or {name}, not both")
-    run = DraftRun(owner=controller, draft=draft, visual_ids=visual_token_ids(model.config), stats=DraftStats(k))
+    # exactly k drafted tokens per round (no early stop on the draft's confidence), so that block
+    # efficiency measures the draft at that k; a caller's own settings win
+    run = DraftRun(owner=controller, draft=draft, visual_ids=visual_token_ids(model.config), stats=DraftStats(k),
+                   confidence_threshold=float(kwargs.pop("assistant_confidence_threshold", 0.0)),
+                   schedule=str(kwargs.pop("num_assistant_tokens_schedule", "constant")),
+                   prompt_length=_prompt_length(args, kwargs))
+    if run.schedule != "constant":
+        raise ValueError(f"num_assistant_tokens_schedule={run.schedule!r}: with aim_draft only 'constant' is supported "
+                         "(transformers' heuristic schedules write into the draft's shared generation_config)")
     prompt_len = _prompt_length(args, kwargs)
     start = time.perf_counter()
     with drafting(run):
-        # exactly k drafted tokens per round (no early stop on the draft's confidence), so that block
-        # efficiency measures the draft at that k; a caller's own settings win
-        kwargs.setdefault("assistant_confidence_threshold", 0.0)
-        kwargs.setdefault("num_assistant_tokens_schedule", "constant")
-        out = original(*args, assistant_model=draft, num_assistant_tokens=k, **kwargs)
+        out = original(*args, assistant_model=draft, **kwargs)
     total = time.perf_counter() - start
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     run.stats.new_tokens = int(sequences.shape[1] - prompt_len) if prompt_len is not None else 0

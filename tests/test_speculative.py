@@ -42,12 +42,20 @@ def test_greedy_output_is_the_targets_and_the_draft_sees_text_only(family, aim_o
     inputs = make_inputs(model, kind="video", num_frames=4, text_lengths=(6,))
     draft = tiny_draft(model)
     spy = DraftSpy(draft)
+    chunks = []  # the sequence length of every forward of the target's text decoder
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: chunks.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
     apply_aim(model, **(PRUNING if aim_on else dict(enabled=False)))
     try:
         with torch.no_grad():
             reference = model.generate(**inputs, **GREEDY)
+            chunks.clear()
             drafted = model.generate(**inputs, **GREEDY, aim_draft=draft, aim_draft_tokens=k)
         assert torch.equal(drafted, reference)  # token for token the target's greedy output
+        # the prefill is the prompt alone (AIM ranks its visual tokens without drafted text); each
+        # verify carries the last token and k drafted ones (fewer only where the length limit cuts)
+        assert chunks[0] == inputs["input_ids"].shape[1]
+        assert max(chunks[1:]) == k + 1
         stats = last_draft_stats(model)
         assert stats.new_tokens == 9 and stats.rounds + stats.accepted == stats.new_tokens
         assert stats.drafted <= stats.rounds * k and stats.block_efficiency >= 1.0
@@ -74,6 +82,8 @@ def test_sampling_runs_and_bad_drafts_are_clear_errors():
         model.generate(**inputs, max_new_tokens=2, aim_draft=other)
     with pytest.raises(ValueError, match="aim_draft_tokens"):
         model.generate(**inputs, max_new_tokens=2, aim_draft=tiny_draft(model), aim_draft_tokens=0)
+    with pytest.raises(ValueError, match="constant"):
+        model.generate(**inputs, max_new_tokens=2, aim_draft=tiny_draft(model), num_assistant_tokens_schedule="heuristic")
     with pytest.raises(ValueError, match="give aim_draft too"):
         model.generate(**inputs, max_new_tokens=2, aim_draft_tokens=3)
     remove_aim(model)

@@ -16,7 +16,8 @@ import torch
 
 from ..config import AIMConfig
 from ..context import CallState, call_options, current_call, options_for, running
-from ..speculative import generate_with_draft, note_target_forward
+from ..speculative import (current_run, forward_prompt_then_drafted, generate_with_draft, note_target_forward,
+                           prompt_split)
 
 if TYPE_CHECKING:  # the controller imports these wrappers
     from .base import Controller
@@ -35,6 +36,10 @@ class MultimodalForward:
 
     def __call__(self, *args, **kwargs):
         controller = self.controller
+        if args and current_run(controller) is not None:  # generate passes keywords; a caller may not
+            kwargs, args = self._as_keywords(args, kwargs), ()
+        if (split := prompt_split(controller, kwargs)) is not None:
+            return forward_prompt_then_drafted(self, split, kwargs)
         options = options_for(controller)
         given = kwargs.pop("aim_config", None)
         budget = budget_from(kwargs.pop("aim_budget", None), kwargs.pop("aim_budget_ms", None))
@@ -68,6 +73,13 @@ class MultimodalForward:
         if state.stats is not None:
             controller.remember(state.stats)
         return output
+
+
+    def _as_keywords(self, args: tuple, kwargs: dict) -> dict:
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        var_keyword = [n for n, p in self.signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        extra = bound.pop(var_keyword[0], {}) if var_keyword else {}
+        return {**bound, **extra}
 
 
 class Generate:
