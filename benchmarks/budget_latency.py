@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--profile", default=None)
     parser.add_argument("--requests", type=int, default=60, help="requests per phase and policy (default %(default)s)")
-    parser.add_argument("--budget-fraction", type=float, default=0.5,
+    parser.add_argument("--budget-fraction", type=float, default=1.0,
                         help="latency budget as a fraction of the unchanged model's quiet prefill time (default %(default)s)")
-    parser.add_argument("--load-processes", type=int, default=None, help="background processes (default: one per core)")
+    parser.add_argument("--load-processes", type=int, default=1,
+                        help="background processes spinning (default %(default)s: one core of the machine busy)")
     parser.add_argument("--quick", action="store_true", help="8 requests per phase")
     args = parser.parse_args(argv)
     if args.quick:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = next(p for p in profile.points if p.name == first[2]).aim_config()
 
     phases = []
-    cores = args.load_processes or mp.cpu_count()
+    cores = args.load_processes
     chunks = [examples[i * args.requests:(i + 1) * args.requests] for i in range(3)]
     for phase, chunk in zip(("quiet", "loaded", "quiet again"), chunks):
         procs = []

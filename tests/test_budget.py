@@ -137,6 +137,33 @@ def test_load_correction_moves_to_cheaper_points_and_back(tiny_video):
     assert selector.choose(budget, [spec]).point == "dear"
 
 
+def test_latency_budget_under_heavy_load_runs_the_cheapest_and_recovers(tiny_video, caplog):
+    """A latency budget that fits when quiet but not under the load measured now: the cheapest
+    point runs with a warning (never an error that would stop the load estimate from updating),
+    and the choice comes back once the load ends; a budget too small even when quiet is refused."""
+    model, inputs = tiny_video
+    cheap = _point("cheap", 0.5, 1.0, 0.3, AIMConfig(merge_keep=0.05, prune_keep_ratios=(1.0, 0.0, 0.0, 0.0)))
+    dear = _point("dear", 0.9, 0.1, 0.7, AIMConfig(merge_keep=0.5, prune=False))
+    profile = Profile(model_fingerprint(model.config), "test", [cheap, dear], LatencyModel(constant=0.0, per_token=1e-4))
+    selector = Selector(profile, F.load_model(model.config))
+    spec = _described(model, inputs[0])
+    cheap_ms = selector.predict(cheap, spec)[1] * 1000
+    budget = Budget(ms=cheap_ms * 1.1)
+    with pytest.raises(ValueError, match="below the cheapest"):
+        selector.choose(Budget(ms=cheap_ms * 0.9), [spec])
+    for _ in range(6):  # prefills take 5x the prediction: nothing fits any more
+        choice = selector.choose(budget, [spec])
+        selector.load.observe(5 * choice.predicted_seconds / choice.load_factor, choice.predicted_seconds / choice.load_factor)
+    assert selector.load.factor > 3
+    with caplog.at_level("WARNING", logger="aim.budget.select"):
+        assert selector.choose(budget, [spec]).point == "cheap"
+    assert "best effort" in caplog.text
+    for _ in range(20):  # the load ends
+        choice = selector.choose(budget, [spec])
+        selector.load.observe(choice.predicted_seconds / choice.load_factor, choice.predicted_seconds / choice.load_factor)
+    assert selector.load.factor < 1.3
+
+
 def test_load_tracker_has_a_dead_band():
     tracker = LoadTracker(alpha=0.5, band=0.25)
     tracker.observe(1.2, 1.0)  # average 1.1: inside the band, the factor stays

@@ -13,6 +13,7 @@ points when the machine is shared and back when the load ends, without flapping 
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +22,8 @@ from ..config import AIMConfig
 from ..flops import InputSpec, ModelSpec
 from .profile import Point, Profile
 from .space import flops_fraction, tokens_per_layer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,16 +113,24 @@ class Selector:
         factor = self.load.factor
         best = None
         cheapest = None
+        limit = budget.flops if budget.flops is not None else budget.ms
         for point in self.profile.frontier:
             costs = [self.predict(point, spec) for spec in inputs]
             fraction = max(c[0] for c in costs)
             seconds = max(c[1] for c in costs) * factor
             cost = fraction if budget.flops is not None else seconds * 1000.0
             if cheapest is None or cost < cheapest[0]:
-                cheapest = (cost, point)
-            limit = budget.flops if budget.flops is not None else budget.ms
+                cheapest = (cost, point, fraction, seconds)
             if cost <= limit + 1e-12 and (best is None or point.fidelity > best[0].fidelity):
                 best = (point, fraction, seconds)
+        if best is None and budget.ms is not None and factor > 1.0 and cheapest[0] / factor <= limit + 1e-12:
+            # the budget fits this machine when quiet, not under the load measured now: run the
+            # cheapest setting (best effort, with a warning) rather than refuse, so that its measured
+            # time keeps updating the load estimate and the choice comes back when the load ends
+            logger.warning("latency budget %s: under the current load (x%.2f) even the cheapest calibrated setting "
+                           "'%s' is predicted to need %.0f ms; running it as the best effort", budget.describe(),
+                           factor, cheapest[1].name, cheapest[0])
+            best = cheapest[1:]
         if best is None:
             unit = "of the prefill FLOPs" if budget.flops is not None else "ms"
             value = f"{cheapest[0]:.1%}" if budget.flops is not None else f"{cheapest[0]:.0f}"
