@@ -72,11 +72,14 @@ def _describe(model, processor, clip, config: AIMConfig, repeats: int) -> dict |
     from .study.draft import DEFAULT_DRAFT_DIR, end_token_ids, load_default_draft, timed_greedy
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    has_description = any(qa.kind == data.DESCRIBE for qa in clip.qa)
-    if not has_description or data.DESCRIBE not in tokenizer.get_vocab() or not (DEFAULT_DRAFT_DIR / "model.safetensors").is_file():
+    if data.DESCRIBE not in tokenizer.get_vocab() or not (DEFAULT_DRAFT_DIR / "model.safetensors").is_file():
+        return None
+    try:
+        described = data.description_of(clip)
+    except ValueError:  # a clip of a recipe without descriptions
         return None
     draft, ends = load_default_draft(), end_token_ids(processor)
-    asked = dataclasses.replace(clip, qa=(data.description_of(clip),))
+    asked = dataclasses.replace(clip, qa=(described,))
     prompt = model_inputs(to_inputs([asked], processor, model.config))
     rows = {}
     for name, patch, extra in (
@@ -113,11 +116,11 @@ def _describe_report(described: dict) -> list[str]:
         lines.append(f"  {name:18s}{r['prefill_seconds'] * 1e3:>11.1f}{r['decode_seconds'] * 1e3:>11.1f}"
                      f"{r['tokens']:>8d}{r['block_efficiency']:>16.2f}")
     ratio = rows["baseline"]["decode_seconds"] / max(rows["baseline + draft"]["decode_seconds"], 1e-9)
+    why = ("" if ratio >= 1 else ": with a target this small a forward costs about as much as a draft round")
     lines.append(f"  Outputs with the draft are {'identical to' if same else 'DIFFERENT from'} those without it "
                  f"(the target verifies every drafted token). Decoding with the draft was {max(ratio, 1 / ratio):.2f}x "
-                 f"{'faster' if ratio >= 1 else 'slower'} here: with a target this small a forward costs about as much as "
-                 "a draft round; benchmarks/speculative.py gives the speedup the measured tokens/forward imply for "
-                 "memory-bound large models.")
+                 f"{'faster' if ratio >= 1 else 'slower'} here{why}; benchmarks/speculative.py gives the speedup the "
+                 "measured tokens/forward imply for memory-bound large models.")
     return lines
 
 
