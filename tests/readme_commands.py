@@ -61,10 +61,15 @@ CHECKS = [
     Check("aim flops --model qwen2-vl-7b --frames 32 --tokens-per-frame 256 --merge-keep 0.5 --prune-start 10"),
     Check("aim flops --model aim/model_configs/llava-1.5-7b/config.json --images 5 --tokens-per-image 729 --no-prune"),
     Check("aim visualize --out docs/kept_tokens.png", "aim visualize --out {tmp}/kept_tokens.png", needs="plot", says_extra=True),
-    Check("python -m aim.study.train --out aim/default_model --recipe v1 --num-layers 8 --vision-hidden 64 --vision-layers 2 "
-          "--steps 2400 --batch-size 16 --turns 3 --warmup 100",
-          "python -m aim.study.train --out {tmp}/study_model --recipe v1 --num-layers 8 --vision-hidden 64 --vision-layers 2 --steps 2 "
-          "--batch-size 2 --turns 3 --warmup 100 --eval-every 0 --test-size 8"),
+    Check("python -m aim.study.train --out aim/default_model",
+          "python -m aim.study.train --out {tmp}/study_model --steps 2 --batch-size 2 --warmup 1 --eval-every 0 --test-size 8"),
+    Check("python -m aim.study.draft --out aim/default_model/draft",
+          "python -m aim.study.draft --out {tmp}/draft --examples 4 --steps 5"),
+    Check("aim calibrate --examples 48", "aim calibrate --examples 4 --repeats 1 --out {tmp}/aim_profile.json"),
+    Check("aim calibrate MODEL_PATH --data inputs.pt --out profile.json", skip="placeholders: the user's model and inputs"),
+    Check("python benchmarks/speculative.py", "python benchmarks/speculative.py --quick"),
+    Check("python benchmarks/budget_latency.py", "python benchmarks/budget_latency.py --quick"),
+    Check("python benchmarks/budget_accuracy.py", "python benchmarks/budget_accuracy.py --quick"),
     Check("python -m aim.study.evaluate --aim", "python -m aim.study.evaluate --aim --n 16"),
     Check("python benchmarks/accuracy_vs_flops.py --plot docs/accuracy_vs_flops.png",
           "python benchmarks/accuracy_vs_flops.py --quick --plot {tmp}/accuracy_vs_flops.png", needs="plot", says_extra=True),
@@ -99,7 +104,7 @@ CHECKS = [
 ]
 
 
-INLINE = re.compile(r"`((?:aim (?:demo|flops|visualize|models)|python (?:benchmarks/|-m aim\.))[^`]*)`")
+INLINE = re.compile(r"`((?:aim (?:demo|flops|visualize|models|calibrate)|python (?:benchmarks/|-m aim\.))[^`]*)`")
 
 
 def readme_commands(text: str) -> list[str]:

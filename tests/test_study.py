@@ -206,7 +206,7 @@ def test_multi_word_answers_are_one_target_per_word_and_a_closing_end(small_mode
 
 def test_inputs_have_the_visual_token_count_the_model_expects(small_model):
     tokenizer = build_tokenizer()
-    examples = data.dataset("test", 8)  # 5 videos, 3 images, mixed in one batch
+    examples = data.dataset("test", 8, recipe="v1")  # 5 videos, 3 images; one-word answers (v2: test_descriptions_*)
     inputs = to_inputs(examples, tokenizer, small_model.config, turns=3)
     config = small_model.config
     placeholders = [(row == config.video_token_id).sum().item() + (row == config.image_token_id).sum().item()
