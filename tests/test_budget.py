@@ -149,6 +149,7 @@ def test_latency_budget_under_heavy_load_runs_the_cheapest_and_recovers(tiny_vid
     spec = _described(model, inputs[0])
     cheap_ms = selector.predict(cheap, spec)[1] * 1000
     budget = Budget(ms=cheap_ms * 1.1)
+    selector.load.observe(1.0, 1.0)  # this machine runs as fast as the calibrating one
     with pytest.raises(ValueError, match="below the cheapest"):
         selector.choose(Budget(ms=cheap_ms * 0.9), [spec])
     for _ in range(6):  # prefills take 5x the prediction: nothing fits any more
@@ -164,8 +165,33 @@ def test_latency_budget_under_heavy_load_runs_the_cheapest_and_recovers(tiny_vid
     assert selector.load.factor < 1.3
 
 
+def test_profile_from_a_slower_machine_adapts_after_the_first_call(tiny_video, caplog):
+    """A profile calibrated on a machine eight times as slow: before any measurement, a budget below
+    the cheapest point's prediction runs the cheapest with a warning (not a refusal); the first
+    measured time is adopted as this machine's speed, and the most faithful point that then fits runs."""
+    model, inputs = tiny_video
+    cheap = _point("cheap", 0.5, 1.0, 0.3, AIMConfig(merge_keep=0.05, prune_keep_ratios=(1.0, 0.0, 0.0, 0.0)))
+    dear = _point("dear", 0.9, 0.1, 0.7, AIMConfig(merge_keep=0.5, prune=False))
+    profile = Profile(model_fingerprint(model.config), "test", [cheap, dear], LatencyModel(constant=0.0, per_token=1e-4))
+    selector = Selector(profile, F.load_model(model.config))
+    spec = _described(model, inputs[0])
+    cheap_s, dear_s = selector.predict(cheap, spec)[1], selector.predict(dear, spec)[1]
+    assert dear_s / 8 < 0.9 * cheap_s  # so the budget below fits the dear point at eight times the speed
+    budget = Budget(ms=900 * cheap_s)
+    with caplog.at_level("WARNING", logger="aim.budget.select"):
+        choice = selector.choose(budget, [spec])
+    assert choice.point == "cheap" and "until this machine's prefill times are measured" in caplog.text
+    selector.load.observe(cheap_s / 8, cheap_s)  # measured: eight times as fast as predicted
+    assert selector.load.factor == pytest.approx(1 / 8)
+    assert selector.choose(budget, [spec]).point == "dear"
+    with pytest.raises(ValueError, match="below the cheapest"):  # measured now: a budget too small is refused
+        selector.choose(Budget(ms=0.1 * 1000 * cheap_s), [spec])
+
+
 def test_load_tracker_has_a_dead_band():
     tracker = LoadTracker(alpha=0.5, band=0.25)
+    tracker.observe(1.0, 1.0)  # the first measurement is adopted as it is
+    assert tracker.factor == 1.0
     tracker.observe(1.2, 1.0)  # average 1.1: inside the band, the factor stays
     assert tracker.factor == 1.0
     tracker.observe(2.0, 1.0)  # average 1.55: outside

@@ -8,7 +8,13 @@ prediction fits the budget. Below the cheapest point: a clear error, never a sil
 Load correction (`LoadTracker`): after each budgeted prefill, the ratio measured / predicted
 seconds enters an exponential moving average. The factor the choice uses moves to that average
 only when it leaves a dead band around the factor in use (hysteresis), so aim moves to cheaper
-points when the machine is shared and back when the load ends, without flapping on noise.
+points when the machine is shared and back when the load ends, without flapping on noise. The
+first measured ratio is adopted as it is: the profile's latency model was fitted on the machine
+(and at the moment) of calibration, and the first call tells how fast this one is. Until that first
+measurement, a latency budget below the cheapest point's prediction runs the cheapest point as a
+best effort with a warning (the prediction is not yet checked on this machine); after it, such a
+budget runs the cheapest only when the current load explains the shortfall, and is refused when
+it would not fit even on the quiet machine.
 """
 
 from __future__ import annotations
@@ -73,13 +79,20 @@ class LoadTracker:
         self.alpha, self.band = alpha, band
         self.average = 1.0
         self.factor = 1.0
+        self.observations = 0
         self._lock = threading.Lock()  # one model, many threads
 
     def observe(self, measured: float, predicted: float) -> None:
         if predicted <= 0 or measured <= 0:
             return
         with self._lock:
-            self.average = (1 - self.alpha) * self.average + self.alpha * measured / predicted
+            ratio = measured / predicted
+            self.observations += 1
+            if self.observations == 1:
+                # the 1.0 before it is a prior (the calibrating machine's speed), not a measurement
+                self.average = self.factor = ratio
+                return
+            self.average = (1 - self.alpha) * self.average + self.alpha * ratio
             if not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
                 self.factor = self.average
 
@@ -123,6 +136,13 @@ class Selector:
                 cheapest = (cost, point, fraction, seconds)
             if cost <= limit + 1e-12 and (best is None or point.fidelity > best[0].fidelity):
                 best = (point, fraction, seconds)
+        if best is None and budget.ms is not None and self.load.observations == 0:
+            # no prefill measured on this machine yet: the prediction comes from the calibrating
+            # machine, so run the cheapest (best effort, with a warning) and let its time tell
+            logger.warning("latency budget %s: the cheapest calibrated setting '%s' is predicted to need %.0f ms "
+                           "on the machine that calibrated the profile; running it as the best effort until this "
+                           "machine's prefill times are measured", budget.describe(), cheapest[1].name, cheapest[0])
+            best = cheapest[1:]
         if best is None and budget.ms is not None and factor > 1.0 and cheapest[0] / factor <= limit + 1e-12:
             # the budget fits this machine when quiet, not under the load measured now: run the
             # cheapest setting (best effort, with a warning) rather than refuse, so that its measured
