@@ -63,6 +63,17 @@ def test_calibration_measures_every_candidate(profile, tiny_video):
     assert all(c >= 0 for c in profile.latency.__dict__.values())
 
 
+def test_latency_prediction_matches_each_setting_on_its_calibration_inputs(profile, tiny_video):
+    """The per-setting scale makes the predicted time of each point, averaged over the calibration
+    inputs, equal its measured mean there (the cost token counts do not show included)."""
+    model, inputs = tiny_video
+    selector = Selector(profile, F.load_model(model.config))
+    for point in profile.points:
+        assert point.latency_scale > 0
+        predicted = [selector.predict(point, _described(model, x))[1] for x in inputs]
+        assert sum(predicted) / len(predicted) == pytest.approx(point.seconds, rel=1e-6)
+
+
 def test_predicted_cost_equals_what_the_engine_runs(profile, tiny_video):
     model, inputs = tiny_video
     spec = F.load_model(model.config)
@@ -168,7 +179,7 @@ def test_latency_budget_under_heavy_load_runs_the_cheapest_and_recovers(tiny_vid
 def test_profile_from_a_slower_machine_adapts_after_the_first_call(tiny_video, caplog):
     """A profile calibrated on a machine eight times as slow: before any measurement, a budget below
     the cheapest point's prediction runs the cheapest with a warning (not a refusal); the first
-    measured time is adopted as this machine's speed, and the most faithful point that then fits runs."""
+    measured times are taken as this machine's speed, and the most faithful point that then fits runs."""
     model, inputs = tiny_video
     cheap = _point("cheap", 0.5, 1.0, 0.3, AIMConfig(merge_keep=0.05, prune_keep_ratios=(1.0, 0.0, 0.0, 0.0)))
     dear = _point("dear", 0.9, 0.1, 0.7, AIMConfig(merge_keep=0.5, prune=False))
@@ -189,9 +200,11 @@ def test_profile_from_a_slower_machine_adapts_after_the_first_call(tiny_video, c
 
 
 def test_load_tracker_has_a_dead_band():
-    tracker = LoadTracker(alpha=0.5, band=0.25)
-    tracker.observe(1.0, 1.0)  # the first measurement is adopted as it is
-    assert tracker.factor == 1.0
+    tracker = LoadTracker(alpha=0.5, band=0.25, warmup=2)
+    tracker.observe(1.3, 1.0)  # the first measurements set the factor to their mean
+    assert tracker.factor == pytest.approx(1.3)
+    tracker.observe(0.7, 1.0)
+    assert tracker.factor == pytest.approx(1.0)
     tracker.observe(1.2, 1.0)  # average 1.1: inside the band, the factor stays
     assert tracker.factor == 1.0
     tracker.observe(2.0, 1.0)  # average 1.55: outside
@@ -203,6 +216,18 @@ def test_profile_round_trip_and_other_model(profile, tiny_video, tmp_path):
     path = profile.save(tmp_path / "p.json")
     loaded = Profile.load(path)
     assert loaded == profile
+    # a version-1 profile (before per-point latency scales) reads with scale 1.0
+    import json
+    old = json.loads(path.read_text())
+    old["version"] = 1
+    for point in old["points"]:
+        del point["latency_scale"]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    assert all(p.latency_scale == 1.0 for p in Profile.load(tmp_path / "v1.json").points)
+    old["version"] = 99
+    (tmp_path / "v99.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="version 99"):
+        Profile.load(tmp_path / "v99.json")
     other = build_tiny_model("llava_onevision", num_layers=2, seed=0)
     with pytest.raises(ValueError, match="another model"):
         apply_aim(other, budget=0.5, profile=path)

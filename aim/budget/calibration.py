@@ -81,6 +81,7 @@ def calibrate(
         # inputs outside, settings inside: a spell of load on a shared machine then slows every
         # setting alike instead of a few settings entirely
         rows: dict[str, list] = {c.name: [] for c in candidates}
+        timed: dict[str, list] = {c.name: [] for c in candidates}  # each setting's (tokens, visual, seconds)
         failed: set[str] = set()
         bar = tqdm(total=len(inputs) * len(candidates), desc="calibrating", disable=not progress, unit="run")
         for x, ref, base in zip(inputs, reference, base_flops):
@@ -89,12 +90,14 @@ def calibrate(
                 if candidate.name in failed:
                     continue
                 try:
-                    rows[candidate.name].append(_measure(model, spec, candidate, x, ref, base, repeats, samples))
+                    rows[candidate.name].append(_measure(model, spec, candidate, x, ref, base, repeats, timed[candidate.name]))
                 except (ValueError, NotImplementedError) as err:  # e.g. pooling on non-square crops
                     logger.info("skipping %s: %s", candidate.name, err)
                     failed.add(candidate.name)
         bar.close()
-        points = [_point(c, rows[c.name]) for c in candidates if c.name not in failed]
+        kept = [c for c in candidates if c.name not in failed]
+        latency = LatencyModel.fit(samples + [s for c in kept for s in timed[c.name]])
+        points = [_point(c, rows[c.name], _latency_scale(latency, timed[c.name])) for c in kept]
     finally:
         if not applied_before:
             remove_aim(model)
@@ -102,9 +105,17 @@ def calibrate(
         model=model_fingerprint(model.config),
         device=describe_device(),
         points=points,
-        latency=LatencyModel.fit(samples),
+        latency=latency,
         inputs=description or f"{len(inputs)} inputs",
     )
+
+
+def _latency_scale(latency: LatencyModel, timed: list) -> float:
+    """A setting's measured / predicted time over its calibration runs: the cost its token counts do
+    not show (e.g. temporal matching), so that a cheap-looking setting is not chosen for a latency
+    budget it misses (and the load correction does not mistake that miss for load)."""
+    predicted = sum(latency.predict(tokens, visual) for tokens, visual, _ in timed)
+    return sum(seconds for _, _, seconds in timed) / predicted if predicted > 0 else 1.0
 
 
 def _measure(model, spec, candidate: Candidate, x, ref, base, repeats, samples) -> tuple[float, float, float, float]:
@@ -122,12 +133,12 @@ def _measure(model, spec, candidate: Candidate, x, ref, base, repeats, samples) 
     return agree, kl, prefill_flops(spec, tokens) / max(base, 1), took
 
 
-def _point(candidate: Candidate, rows: list[tuple[float, float, float, float]]) -> Point:
+def _point(candidate: Candidate, rows: list[tuple[float, float, float, float]], latency_scale: float) -> Point:
     n = len(rows)
     agree, kl, fraction, seconds = (sum(column) / n for column in zip(*rows))
     config = candidate.config
     return Point(
         name=candidate.name,
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
-        agreement=agree, kl=kl, flops_fraction=fraction, seconds=seconds,
+        agreement=agree, kl=kl, flops_fraction=fraction, seconds=seconds, latency_scale=latency_scale,
     )

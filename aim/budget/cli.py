@@ -76,11 +76,12 @@ def format_profile(profile: Profile) -> str:
     lines = [f"Profile of {profile.model['model_type']} ({profile.model['num_layers']} layers) on {profile.device}, "
              f"from {profile.inputs}: {len(profile.points)} settings, {len(profile.frontier)} on the frontier",
              "",
-             f"{'frontier setting':<36} {'FLOPs':>7} {'agreement':>10} {'KL (nats)':>10} {'prefill ms':>11}"]
+             f"{'frontier setting':<44} {'FLOPs':>7} {'agreement':>10} {'KL (nats)':>10} {'prefill ms':>11} {'time scale':>11}"]
     for point in profile.frontier:
-        lines.append(f"{point.name:<36} {point.flops_fraction:>7.1%} {point.agreement:>10.1%} {point.kl:>10.4f} "
-                     f"{point.seconds * 1000:>11.1f}")
+        lines.append(f"{point.name:<44} {point.flops_fraction:>7.1%} {point.agreement:>10.1%} {point.kl:>10.4f} "
+                     f"{point.seconds * 1000:>11.1f} {point.latency_scale:>11.2f}")
     lat = profile.latency
     lines.append(f"\nLatency model: {lat.constant * 1e3:.2f} ms + {lat.per_visual_token * 1e6:.2f} us x visual tokens "
-                 f"+ sum over layers ({lat.per_token * 1e6:.3f} us x n + {lat.per_token_squared * 1e9:.4f} ns x n^2)")
+                 f"+ sum over layers ({lat.per_token * 1e6:.3f} us x n + {lat.per_token_squared * 1e9:.4f} ns x n^2), "
+                 "times each setting's time scale (its measured / predicted time on the calibration inputs)")
     return "\n".join(lines)

@@ -4,7 +4,9 @@ against cost, and a latency model of this machine, saved as JSON.
 Latency model: prefill time (seconds) ~= ``c + v * V + sum_l (a * n_l + b * n_l^2)``, where
 ``n_l`` are the tokens decoder layer ``l`` processes and ``V`` the visual tokens the vision tower
 and projector produce (AIM does not change that part). Linear in its four coefficients, fitted by
-non-negative least squares on the calibration runs.
+non-negative least squares on the calibration runs. What the token counts do not show (the
+matching of temporal merging, the merge-instead-of-drop steps) is a per-setting scale: each point's
+measured mean time over the calibration inputs divided by the model's prediction for them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any, Sequence
 
 from ..config import AIMConfig
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 had no per-point latency scale (read as 1.0)
 PROFILE_FILE = "aim_profile.json"  # the name aim looks for in a model folder
 
 
@@ -90,6 +93,7 @@ class Point:
     kl: float  # mean KL(unchanged || this) of the next-token distribution, nats
     flops_fraction: float  # mean LLM prefill FLOPs / the unchanged model's, calibration inputs
     seconds: float  # mean measured prefill time on the calibration inputs
+    latency_scale: float = 1.0  # measured / latency-model-predicted time on the calibration inputs
 
     def aim_config(self) -> AIMConfig:
         return AIMConfig(**self.config)
@@ -144,8 +148,10 @@ class Profile:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read an AIM profile from {path}: {err}") from err
-        if data.get("version") != PROFILE_VERSION:
-            raise ValueError(f"{path} is an AIM profile of version {data.get('version')}, this aim reads {PROFILE_VERSION}")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"{path} is an AIM profile of version {data.get('version')}, this aim reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; run `aim calibrate` again")
+        data["version"] = PROFILE_VERSION
         data["points"] = [Point(**p) for p in data["points"]]
         data["latency"] = LatencyModel(**data["latency"])
         return cls(**data)

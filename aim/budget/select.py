@@ -9,9 +9,9 @@ Load correction (`LoadTracker`): after each budgeted prefill, the ratio measured
 seconds enters an exponential moving average. The factor the choice uses moves to that average
 only when it leaves a dead band around the factor in use (hysteresis), so aim moves to cheaper
 points when the machine is shared and back when the load ends, without flapping on noise. The
-first measured ratio is adopted as it is: the profile's latency model was fitted on the machine
-(and at the moment) of calibration, and the first call tells how fast this one is. Until that first
-measurement, a latency budget below the cheapest point's prediction runs the cheapest point as a
+first few measured ratios replace the 1.0 prior outright (their plain mean is the factor): the
+profile's latency model was fitted on the machine (and at the moment) of calibration, and the
+first calls tell how fast this one is. Until the first measurement, a latency budget below the cheapest point's prediction runs the cheapest point as a
 best effort with a warning (the prediction is not yet checked on this machine); after it, such a
 budget runs the cheapest only when the current load explains the shortfall, and is refused when
 it would not fit even on the quiet machine.
@@ -71,12 +71,13 @@ class LoadTracker:
 
     Args:
         alpha: weight of the newest ratio in the moving average.
+        warmup: the first `warmup` ratios set the factor to their plain mean (no prior, no band).
         band: relative dead band: the factor in use changes only when the average leaves
             ``[factor / (1 + band), factor * (1 + band)]``.
     """
 
-    def __init__(self, alpha: float = 0.3, band: float = 0.25) -> None:
-        self.alpha, self.band = alpha, band
+    def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5) -> None:
+        self.alpha, self.band, self.warmup = alpha, band, warmup
         self.average = 1.0
         self.factor = 1.0
         self.observations = 0
@@ -88,9 +89,11 @@ class LoadTracker:
         with self._lock:
             ratio = measured / predicted
             self.observations += 1
-            if self.observations == 1:
-                # the 1.0 before it is a prior (the calibrating machine's speed), not a measurement
-                self.average = self.factor = ratio
+            if self.observations <= self.warmup:
+                # the 1.0 before them is a prior (the calibrating machine's speed), not a measurement;
+                # a mean of several, since the first call after patching is often slow
+                previous = 0.0 if self.observations == 1 else self.average
+                self.average = self.factor = previous + (ratio - previous) / self.observations
                 return
             self.average = (1 - self.alpha) * self.average + self.alpha * ratio
             if not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
@@ -118,7 +121,8 @@ class Selector:
         """``(FLOPs fraction, seconds before load correction)`` of `point` on `inputs`."""
         config = point.aim_config()
         tokens = tokens_per_layer(self.spec, inputs, config)
-        return flops_fraction(self.spec, inputs, config), self.profile.latency.predict(tokens, inputs.visual_tokens)
+        seconds = self.profile.latency.predict(tokens, inputs.visual_tokens) * point.latency_scale
+        return flops_fraction(self.spec, inputs, config), seconds
 
     def choose(self, budget: Budget, inputs: list[InputSpec]) -> Choice:
         """The most faithful frontier point whose predicted cost fits `budget` on every prompt of
@@ -127,6 +131,8 @@ class Selector:
         best = None
         cheapest = None
         limit = budget.flops if budget.flops is not None else budget.ms
+        # the frontier only (fidelity against FLOPs): predicting every calibrated setting per request
+        # costs more time than a latency budget can spare (149 settings on the default model)
         for point in self.profile.frontier:
             costs = [self.predict(point, spec) for spec in inputs]
             fraction = max(c[0] for c in costs)
