@@ -122,14 +122,19 @@ def test_budgets_choose_per_input_and_per_call_overrides_the_model(profile, tiny
         remove_aim(model)
 
 
-def test_load_correction_moves_to_cheaper_points_and_back(tiny_video):
-    model, inputs = tiny_video
+def _cheap_and_dear(model, clock=None):
+    """Two hand-made points (a cheap, unfaithful one; a dear, faithful one) with a latency model of
+    0.1 ms per token the layers process, and a selector over them."""
     cheap = _point("cheap", 0.5, 1.0, 0.3, AIMConfig(merge_keep=0.05, prune_keep_ratios=(1.0, 0.0, 0.0, 0.0)))
     dear = _point("dear", 0.9, 0.1, 0.7, AIMConfig(merge_keep=0.5, prune=False))
-    latency = LatencyModel(constant=0.0, per_token=1e-4)  # seconds from the tokens the layers process
-    profile = Profile(model_fingerprint(model.config), "test", [cheap, dear], latency)
+    profile = Profile(model_fingerprint(model.config), "test", [cheap, dear], LatencyModel(constant=0.0, per_token=1e-4))
+    return cheap, dear, Selector(profile, F.load_model(model.config), clock=clock)
+
+
+def test_load_correction_moves_to_cheaper_points_and_back(tiny_video):
+    model, inputs = tiny_video
     now = [0.0]
-    selector = Selector(profile, F.load_model(model.config), clock=lambda: now[0])
+    cheap, dear, selector = _cheap_and_dear(model, clock=lambda: now[0])
     spec = _described(model, inputs[0])
     dear_ms = selector.predict(dear, spec)[1] * 1000
     budget = Budget(ms=dear_ms * 1.3)  # the dear point fits on a quiet machine (the band is 25%)
@@ -153,10 +158,7 @@ def test_latency_budget_under_heavy_load_runs_the_cheapest_and_recovers(tiny_vid
     point runs with a warning (never an error that would stop the load estimate from updating),
     and the choice comes back once the load ends; a budget too small even when quiet is refused."""
     model, inputs = tiny_video
-    cheap = _point("cheap", 0.5, 1.0, 0.3, AIMConfig(merge_keep=0.05, prune_keep_ratios=(1.0, 0.0, 0.0, 0.0)))
-    dear = _point("dear", 0.9, 0.1, 0.7, AIMConfig(merge_keep=0.5, prune=False))
-    profile = Profile(model_fingerprint(model.config), "test", [cheap, dear], LatencyModel(constant=0.0, per_token=1e-4))
-    selector = Selector(profile, F.load_model(model.config))
+    cheap, dear, selector = _cheap_and_dear(model)
     spec = _described(model, inputs[0])
     cheap_ms = selector.predict(cheap, spec)[1] * 1000
     budget = Budget(ms=cheap_ms * 1.1)
@@ -181,10 +183,7 @@ def test_profile_from_a_slower_machine_adapts_after_the_first_call(tiny_video, c
     the cheapest point's prediction runs the cheapest with a warning (not a refusal); the first
     measured times are taken as this machine's speed, and the most faithful point that then fits runs."""
     model, inputs = tiny_video
-    cheap = _point("cheap", 0.5, 1.0, 0.3, AIMConfig(merge_keep=0.05, prune_keep_ratios=(1.0, 0.0, 0.0, 0.0)))
-    dear = _point("dear", 0.9, 0.1, 0.7, AIMConfig(merge_keep=0.5, prune=False))
-    profile = Profile(model_fingerprint(model.config), "test", [cheap, dear], LatencyModel(constant=0.0, per_token=1e-4))
-    selector = Selector(profile, F.load_model(model.config))
+    cheap, dear, selector = _cheap_and_dear(model)
     spec = _described(model, inputs[0])
     cheap_s, dear_s = selector.predict(cheap, spec)[1], selector.predict(dear, spec)[1]
     assert dear_s / 8 < 0.9 * cheap_s  # so the budget below fits the dear point at eight times the speed
