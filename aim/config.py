@@ -20,6 +20,8 @@ MERGE_METHODS = ("bipartite", "pool", "random")
 PRUNE_METHODS = ("pagerank", "last_token", "random")
 # what happens to the visual tokens a pruning layer removes
 PRUNE_ACTIONS = ("drop", "merge")
+# the RoPE positions of the visual tokens that stay after merging before the LLM (aim.positions)
+MERGED_POSITIONS = ("destination", "contiguous")
 
 
 def merge_schedule_for_keep(merge_keep: float) -> tuple[float, ...]:
@@ -90,6 +92,12 @@ class AIMConfig:
         prune_action: what happens to the visual tokens a pruning layer removes: ``"drop"`` (AIM)
             or ``"merge"``: each merges (size-weighted, by hidden-state cosine similarity) into
             the most similar visual token that stays, as HoliTom does inside the LLM.
+        merged_positions: the RoPE positions of the tokens left by merging before the LLM:
+            ``"destination"`` (default) keeps each token's own input position, so a merged token
+            takes its destination's (gaps where tokens merged away); ``"contiguous"`` renumbers
+            them without gaps, as the official AIM code and aim's vLLM plugin do (vLLM fixes
+            positions before the encoder runs): 1-D RoPE counts on, 3-D M-RoPE lays each frame's
+            tokens out as one row (`aim.positions`). Decoding continues after the last position.
     """
 
     enabled: bool = True
@@ -109,6 +117,7 @@ class AIMConfig:
     temporal_threshold: float | None = None
     temporal_window: int = 1
     prune_action: str = "drop"
+    merged_positions: str = "destination"
 
     def __post_init__(self) -> None:
         if self.merge_keep is not None:
@@ -154,6 +163,8 @@ class AIMConfig:
         self._check_temporal()
         if self.prune_action not in PRUNE_ACTIONS:
             raise ValueError(f"prune_action must be one of {PRUNE_ACTIONS}, got {self.prune_action!r}")
+        if self.merged_positions not in MERGED_POSITIONS:
+            raise ValueError(f"merged_positions must be one of {MERGED_POSITIONS}, got {self.merged_positions!r}")
 
     def _check_temporal(self) -> None:
         self.temporal_keep = float(self.temporal_keep)

@@ -26,6 +26,7 @@ from . import compat
 
 from .baselines import last_token_importance
 from .config import AIMConfig, visual_tokens_kept
+from .positions import contiguous_positions
 from .layout import VisualLayout
 from .prune import pagerank_importance, select_tokens
 from .reduce import merge_before_llm, merge_pruned
@@ -124,6 +125,9 @@ class AIMTextForward:
         chunk_valid, past_valid = _split_padding_mask(attention_mask, batch, length, past_len, device)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + length, device=device).expand(batch, length)
+        shift = state.position_shift if state else None
+        if shift is not None:  # positions after a contiguously renumbered prompt (aim.positions)
+            position_ids = position_ids + (shift.view(-1, 1) if position_ids.ndim == 2 else shift.view(1, -1, 1))
         cos, sin = model.rotary_emb(inputs_embeds, controller.family.rope_position_ids(position_ids))
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
 
@@ -136,6 +140,8 @@ class AIMTextForward:
         generator = torch.Generator().manual_seed(config.seed)  # the random baselines only
         if layout is not None and config.enabled and (config.merge_schedule or config.temporal_merging):
             merge_before_llm(tokens, layout, config, generator)
+            if config.merged_positions == "contiguous":
+                shift = _renumber(model, controller.family, tokens, position_ids, visual, layout, shift)
         recording = call is not None and call.record_positions
         kept_positions = [("merge", _visual_origins(tokens))] if recording else None
         # random ranking: one fixed random priority per prompt position, so removing and masking
@@ -210,6 +216,7 @@ class AIMTextForward:
             if state is None:
                 state = CacheState(past_len, [], owner_active=_patched(controller.multimodal))
             state.seen_tokens, state.layer_valid = past_len + length, new_layer_valid
+            state.position_shift = shift
             cache = as_aim_cache(cache, state)
         if layout is not None or not continues_aim_cache:
             _publish(controller, call, _stats(
@@ -218,6 +225,18 @@ class AIMTextForward:
                 _group_positions(layout) if kept_positions is not None else None,
             ))
         return compat.model_output(hidden, cache if use_cache else None)
+
+
+def _renumber(model, family, tokens: TokenSet, position_ids, visual, layout: VisualLayout, shift):
+    """Give the slots merging left contiguous positions (``merged_positions="contiguous"``); returns
+    the prompts' position shift for later chunks (added to the one they already had)."""
+    batch = visual.shape[0]
+    rope_ids = family.rope_position_ids(position_ids)
+    rope_ids = rope_ids.expand(batch, -1) if rope_ids.ndim == 2 else rope_ids.expand(-1, batch, -1)
+    renumbered, moved = contiguous_positions(rope_ids, tokens.stays(), visual, layout.groups)
+    cos, sin = model.rotary_emb(tokens.hidden, renumbered)
+    tokens.set_rope(cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+    return moved if shift is None else shift + moved
 
 
 def _prompt_valid(attention_mask, input_ids, inputs_embeds) -> torch.Tensor:

@@ -28,12 +28,18 @@ class CacheState:
     seen_tokens: int
     layer_valid: list[torch.Tensor]
     owner_active: Callable[[], bool] = lambda: True
+    # per prompt, how far later positions move (``merged_positions="contiguous"``, `aim.positions`)
+    position_shift: torch.Tensor | None = None
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.layer_valid = [v.index_select(0, index.to(v.device)) for v in self.layer_valid]
+        if self.position_shift is not None:
+            self.position_shift = self.position_shift.index_select(0, index.to(self.position_shift.device))
 
     def repeat_rows(self, repeats: int) -> None:
         self.layer_valid = [v.repeat_interleave(repeats, dim=0) for v in self.layer_valid]
+        if self.position_shift is not None:
+            self.position_shift = self.position_shift.repeat_interleave(repeats, dim=0)
 
     def crop(self, tokens_to_remove: int) -> None:
         # transformers only crops from the end (negative counts): the same decoded tokens in every layer
@@ -146,6 +152,16 @@ class TokenSet:
         self.visual = self.visual.gather(1, gather) & ~pad
         self.valid = ~pad
         self.compacted = True
+
+    def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Replace the rotary embeddings by ``(batch, seq, dim)`` ones given per input slot."""
+        self.cos, self.sin = _take(cos, self.origin), _take(sin, self.origin)
+
+    def stays(self) -> torch.Tensor:
+        """``(batch, seq)``: the input slots still present."""
+        present = torch.zeros(self.origin.shape[0], self.finished.shape[1] if self.remove else self.valid.shape[1],
+                              dtype=torch.int32, device=self.valid.device)
+        return present.scatter_add_(1, self.origin, self.valid.int()) > 0
 
     def _save_outputs(self) -> None:
         rows = torch.arange(self.valid.shape[0], device=self.valid.device).unsqueeze(1).expand_as(self.valid)

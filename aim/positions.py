@@ -1,0 +1,113 @@
+"""RoPE positions of the tokens merging leaves before the LLM (``merged_positions``).
+
+``"destination"`` (aim's default) changes nothing: every token that stays keeps its input
+position, so a merged token takes its destination token's position and the positions of the
+tokens merged away become gaps. ``"contiguous"`` renumbers what stays without gaps, as a prompt
+that only ever held the merged tokens would be numbered; this is what the official AIM code gives
+(it shortens the sequence) and what vLLM computes (it fixes positions when a request arrives,
+before the encoder runs), so aim's vLLM plugin and the transformers path agree under it:
+
+- 1-D RoPE (LLaVA families): the tokens that stay count on from the first one.
+- 3-D M-RoPE (Qwen families): each image / video (a run of visual tokens) starts where the text
+  before it ends; a frame's tokens that stay keep their frame's temporal offset and are laid out
+  as one row (height offset 0, width offset 0, 1, 2, ... in order), i.e. the positions the model
+  gives a grid of ``(frames, 1, kept per frame)`` tokens; the text after starts at the largest
+  position + 1. `mrope_row_layout` is the same rule for the vLLM plugin.
+
+Text positions after a merged image shift by the same amount in every later chunk (decoding
+steps, verification passes): the shift per prompt is returned and kept with the KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def contiguous_positions(
+    position_ids: torch.Tensor, stays: torch.Tensor, visual: torch.Tensor, groups: Sequence[Sequence[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Renumber the slots that stay after merging.
+
+    Args:
+        position_ids: the chunk's RoPE positions, ``(batch, seq)`` (1-D RoPE) or ``(3, batch, seq)``
+            (M-RoPE rows t / h / w).
+        stays: ``(batch, seq)`` the valid slots merging kept (text and visual).
+        visual: ``(batch, seq)`` the visual slots of the input (before merging).
+        groups: per sample, the sequence positions of each frame / crop (`aim.layout.VisualLayout`).
+    Returns:
+        ``(position_ids, shift)``: the new positions (slots that do not stay keep theirs) and, per
+        sample, how far the positions after the chunk move (``(batch,)``, <= 0).
+    """
+    if position_ids.ndim == 2:
+        return _contiguous_1d(position_ids, stays)
+    if position_ids.ndim != 3:
+        raise ValueError(f"position ids of shape {tuple(position_ids.shape)}: expected (batch, seq) or (rows, batch, seq)")
+    new = position_ids.clone()
+    shift = torch.zeros(position_ids.shape[1], dtype=position_ids.dtype, device=position_ids.device)
+    for sample in range(position_ids.shape[1]):
+        new[:, sample], shift[sample] = _contiguous_mrope(
+            position_ids[:, sample], stays[sample], visual[sample], groups[sample] if sample < len(groups) else []
+        )
+    return new, shift
+
+
+def _contiguous_1d(position_ids: torch.Tensor, stays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    first = stays.int().argmax(dim=1, keepdim=True)
+    base = position_ids.gather(1, first)
+    rank = stays.long().cumsum(dim=1) - 1
+    new = torch.where(stays, base + rank, position_ids)
+    last = stays.shape[1] - 1 - stays.flip(1).int().argmax(dim=1, keepdim=True)
+    shift = (new.gather(1, last) - position_ids.gather(1, last)).squeeze(1)
+    return new, torch.where(stays.any(1), shift, torch.zeros_like(shift))
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of consecutive slot numbers."""
+    runs: list[tuple[int, int]] = []
+    for slot in slots:
+        if runs and runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], slot + 1)
+        else:
+            runs.append((slot, slot + 1))
+    return runs
+
+
+def _contiguous_mrope(old: torch.Tensor, stays: torch.Tensor, visual: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt's ``(3, seq)`` M-RoPE positions under the contiguous rule (module docstring)."""
+    new = old.clone()
+    delta = old.new_zeros(())
+    done = 0
+    group_starts = sorted(((int(g.min()), g) for g in groups if g.numel()), key=lambda item: item[0])
+    for start, end in _runs(visual.nonzero().flatten().tolist()):
+        new[:, done:start] = old[:, done:start] + delta
+        block = old[:, start:end]
+        origin = block.min()
+        new_origin = origin + delta
+        kept_block = stays[start:end]
+        new[:, start:end] = block + delta  # visual slots outside every frame (markers), if any
+        for first, group in group_starts:
+            if not start <= first < end:
+                continue
+            kept = group[stays[group]].sort().values
+            if kept.numel() == 0:
+                continue
+            new[0, kept] = new_origin + (old[0, kept] - origin)
+            new[1, kept] = new_origin
+            new[2, kept] = new_origin + torch.arange(kept.numel(), device=old.device, dtype=old.dtype)
+        if bool(kept_block.any()):
+            delta = new[:, start:end][:, kept_block].max() - block.max()
+        done = end
+    new[:, done:] = old[:, done:] + delta
+    return new, delta
+
+
+def mrope_row_layout(kept_per_frame: Sequence[int]) -> tuple[int, int, int]:
+    """The ``(frames, height, width)`` token grid under which a model that numbers a grid the Qwen way
+    gives one image / video's merged tokens the contiguous positions above: one row per frame,
+    as wide as the tokens each frame keeps (which merging makes equal across frames)."""
+    widths = set(kept_per_frame)
+    if len(widths) != 1:
+        raise ValueError(f"the contiguous M-RoPE layout needs equal kept tokens per frame, got {list(kept_per_frame)}")
+    return len(kept_per_frame), 1, widths.pop()

@@ -1,0 +1,134 @@
+"""``merged_positions="contiguous"``: the positions a serving engine gives merged tokens.
+
+Reference: the unpatched model run on the prompt a serving engine builds (vLLM with aim's plugin):
+as many placeholders as merging keeps, the merged features (`aim.merge.merge_item`) in their
+place, and the model's own positions for that prompt (Qwen: its rope index for a grid of
+``(frames, 1, kept per frame)`` tokens, `aim.positions.mrope_row_layout`).
+"""
+
+import pytest
+import torch
+
+from aim import AIMConfig, apply_aim, is_applied, remove_aim
+from aim.counts import merged_item_tokens
+from aim.merge import merge_item
+from aim.positions import contiguous_positions, mrope_row_layout
+from aim.tiny import build_tiny_model, make_inputs
+
+CASES = [("llava_onevision", "video"), ("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video")]
+MERGE_ONLY = dict(merge_keep=0.5, prune=False, merged_positions="contiguous")
+SPECIAL_IDS = list(range(8))
+
+_models: dict = {}
+
+
+def tiny(family):
+    if family not in _models:
+        _models[family] = build_tiny_model(family, num_layers=3, seed=1)
+    model = _models[family]
+    if is_applied(model):
+        remove_aim(model)
+    return model
+
+
+def test_contiguous_1d_counts_on_from_the_first_token():
+    positions = torch.arange(3, 11).expand(2, 8)
+    stays = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    new, shift = contiguous_positions(positions, stays, torch.zeros_like(stays), [[], []])
+    assert new[0][stays[0]].tolist() == [3, 4, 5, 6, 7]
+    assert new[1][stays[1]].tolist() == [5, 6, 7, 8, 9, 10]
+    assert shift.tolist() == [-3, 0]
+
+
+def test_contiguous_mrope_lays_each_frame_out_as_a_row():
+    # text 0..1, then a video of 2 frames of a 2x2 grid at t offsets 0 and 3 (Qwen2.5-VL's scaled
+    # time), then text from max + 1 = 2 + 3 + 1 = 6
+    t = [0, 1] + [2] * 4 + [5] * 4 + [6, 7]
+    h = [0, 1] + [2, 2, 3, 3] * 2 + [6, 7]
+    w = [0, 1] + [2, 3, 2, 3] * 2 + [6, 7]
+    old = torch.tensor([t, h, w]).unsqueeze(1)
+    visual = torch.tensor([[False] * 2 + [True] * 8 + [False] * 2])
+    stays = torch.ones_like(visual)
+    stays[0, [3, 4, 8, 9]] = False  # each frame keeps 2 of its 4 tokens
+    groups = [[torch.arange(2, 6), torch.arange(6, 10)]]
+    new, shift = contiguous_positions(old, stays, visual, groups)
+    kept = stays[0]
+    assert new[0, 0][kept].tolist() == [0, 1, 2, 2, 5, 5, 6, 7]  # frames keep their time offset
+    assert new[1, 0][kept].tolist() == [0, 1, 2, 2, 2, 2, 6, 7]  # one row
+    assert new[2, 0][kept].tolist() == [0, 1, 2, 3, 2, 3, 6, 7]  # columns 0, 1 of the kept
+    assert shift.tolist() == [0]  # the time axis is the longest here: text goes on at 6
+    assert mrope_row_layout([2, 2]) == (2, 1, 2)
+    with pytest.raises(ValueError, match="equal kept tokens per frame"):
+        mrope_row_layout([2, 3])
+
+
+def _item_features(model, inputs, kind):
+    """Per image / video: the encoder's features and its frame count (temporal slices)."""
+    inner = model.model
+    if kind == "video" and "video_grid_thw" not in inputs:  # LLaVA-OneVision
+        out = inner.get_video_features(inputs["pixel_values_videos"])
+        features = getattr(out, "pooler_output", out)
+        return [(f.reshape(-1, f.shape[-1]), inputs["pixel_values_videos"].shape[1], 1) for f in features]
+    pixels, grid = (("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw"))
+    getter = inner.get_image_features if kind == "image" else inner.get_video_features
+    out = getter(inputs[pixels], inputs[grid])
+    features = getattr(out, "pooler_output", out)
+    return [(f, int(g[0]), 0) for f, g in zip(features, inputs[grid])]
+
+
+def serving_prompt(model, inputs, kind, schedule):
+    """inputs_embeds / position_ids / attention_mask of the merged prompt (one sample)."""
+    ids = inputs["input_ids"][0]
+    placeholder = model.config.image_token_id if kind == "image" else model.config.video_token_id
+    (features, frames, markers), = _item_features(model, inputs, kind)
+    merged = merge_item(features, frames, schedule, markers)
+    per_frame = (features.shape[0] - markers) // frames
+    assert merged.shape[0] == merged_item_tokens(per_frame, frames, schedule, markers)
+    where = (ids == placeholder).nonzero().flatten()
+    short = torch.cat([ids[: where[0]], torch.full((merged.shape[0],), placeholder), ids[where[-1] + 1:]])[None]
+    embeds = model.get_input_embeddings()(short)
+    embeds[short == placeholder] = merged.to(embeds.dtype)
+    prompt = {"inputs_embeds": embeds, "attention_mask": torch.ones_like(short)}
+    if "mm_token_type_ids" in inputs:
+        types = (short == placeholder).long() * (1 if kind == "image" else 2)
+        merge = model.config.vision_config.spatial_merge_size
+        t, h, w = mrope_row_layout([merged.shape[0] // frames] * frames)
+        grid = torch.tensor([[t, h * merge, w * merge]])
+        grids = {"image_grid_thw": grid} if kind == "image" else {"video_grid_thw": grid}
+        prompt["position_ids"] = model.model.get_rope_index(short, types, **grids)[0]
+    return prompt, short.shape[1]
+
+
+@pytest.mark.parametrize("family, kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
+def test_contiguous_merging_equals_the_unpatched_model_on_the_merged_prompt(family, kind):
+    model = tiny(family)
+    inputs = make_inputs(model, kind=kind, batch_size=1, text_lengths=(9,))
+    config = AIMConfig(**MERGE_ONLY)
+    with torch.no_grad():
+        prompt, short_length = serving_prompt(model, inputs, kind, config.merge_schedule)
+        reference = model(**prompt).logits
+        apply_aim(model, config)
+        patched = model(**inputs).logits
+        destination = model(**inputs, aim_config=config.replace(merged_positions="destination")).logits
+    assert short_length < inputs["input_ids"].shape[1]
+    tail = 5  # the text after the visual tokens (and the vision end marker)
+    torch.testing.assert_close(patched[0, -tail:], reference[0, -tail:], rtol=1e-4, atol=1e-4)
+    # the rule matters: the default rule keeps the input positions and gives other logits
+    assert not torch.allclose(destination[0, -tail:], reference[0, -tail:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family, kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
+def test_contiguous_generate_with_cache_equals_recomputation(family, kind):
+    model = tiny(family)
+    inputs = make_inputs(model, kind=kind, batch_size=2, text_lengths=(5, 9))
+    apply_aim(model, AIMConfig(merge_keep=0.5, prune_keep_ratios=(1.0, 0.5, 0.25), merged_positions="contiguous"))
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, suppress_tokens=SPECIAL_IDS)
+    with torch.no_grad():
+        cached = model.generate(**inputs, **greedy)
+        recomputed = model.generate(**inputs, **greedy, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_unknown_position_rule_is_refused():
+    with pytest.raises(ValueError, match="merged_positions must be one of"):
+        AIMConfig(merged_positions="gaps")
