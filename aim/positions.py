@@ -38,7 +38,8 @@ def contiguous_positions(
         groups: per sample, the sequence positions of each frame / crop (`aim.layout.VisualLayout`).
     Returns:
         ``(position_ids, shift)``: the new positions (slots that do not stay keep theirs) and, per
-        sample, how far the positions after the chunk move (``(batch,)``, <= 0).
+        sample, how far the positions after the chunk move (``(batch,)``; under M-RoPE a row wider than the
+        frame grid can move them forward).
     """
     if position_ids.ndim == 2:
         return _contiguous_1d(position_ids, stays)

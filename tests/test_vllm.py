@@ -10,10 +10,12 @@ follow). They skip, saying why, where no such virtualenv exists.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +138,190 @@ def test_bad_merge_setting_is_a_clear_error():
     Config.aim_merge_keep, Config.aim_merge_schedule = 0.5, [0.5]
     with pytest.raises(ValueError, match="not both"):
         merge_schedule(Config())
+
+
+# --- the plugin's Qwen classes, on tiny random-weight models saved with a processor --------------
+
+QWEN_CASES = [("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video")]
+QWEN_TEXT = {"image": "w9 w10 <|vision_start|><|image_pad|><|vision_end|> w11 w12 w13",
+             "video": "w9 <|vision_start|><|video_pad|><|vision_end|> w11 w30 w31"}
+FPS = 2.0  # Qwen2.5-VL numbers frames in time: 2 frames per temporal slice at 2 fps -> 1 s per slice
+TOP = 5
+# vLLM's and transformers' fp32 log-probabilities differ by up to ~1e-3 on these tiny models, baseline included
+TOLERANCE = 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_served(tmp_path_factory):
+    """Per case: the tiny model, its processed inputs, and vLLM's results (no plugin / merging off /
+    merging on) with the top log-probabilities of each generated token."""
+    import transformers as tf
+
+    from aim.integrations.vllm.harness import run_offline
+    from aim.tiny import build_tiny_model
+    from aim.tiny_processor import save_tiny_qwen
+
+    workdir = tmp_path_factory.mktemp("vllm_qwen")
+    served = {}
+    for family in dict.fromkeys(f for f, _ in QWEN_CASES):
+        model = build_tiny_model(family, hidden_size=128, num_layers=3, seed=0)  # vLLM's CPU attention: head_dim 32
+        path = save_tiny_qwen(model, workdir / family)
+        processor = tf.AutoProcessor.from_pretrained(path)
+        kinds = [k for f, k in QWEN_CASES if f == family]
+        requests, inputs = [], []
+        rng = np.random.default_rng(0)
+        for kind in kinds:
+            shape = (168, 224, 3) if kind == "image" else (4, 168, 224, 3)
+            pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+            np.save(workdir / f"{family}-{kind}.npy", pixels)
+            request = {"prompt_token_ids": processor.tokenizer(QWEN_TEXT[kind])["input_ids"],
+                       kind: str(workdir / f"{family}-{kind}.npy"), "logprobs": TOP}
+            media = {"images": [pixels]} if kind == "image" else {"videos": [pixels]}
+            if kind == "video" and family == "qwen2_5_vl":
+                request["video_fps"] = FPS
+                media["fps"] = FPS
+            requests.append(request)
+            inputs.append(processor(text=[QWEN_TEXT[kind]], return_tensors="pt", **media))
+
+        def serve(merge_keep, plugin=True):
+            return run_offline(VLLM_PYTHON, path, workdir, requests, merge_keep, plugin, MAX_TOKENS)["results"]
+
+        results = {"no plugin": serve(None, plugin=False), "merging off": serve(None), "merging on": serve(MERGE_KEEP)}
+        for i, kind in enumerate(kinds):
+            served[(family, kind)] = (model, inputs[i], {name: r[i] for name, r in results.items()})
+    return served
+
+
+def transformers_step(model, inputs, config: AIMConfig | None):
+    """Greedy tokens, first-step log-probabilities and tokens entering the LLM on the transformers path."""
+    if is_applied(model):
+        remove_aim(model)
+    if config is not None:
+        apply_aim(model, config)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=False,
+                                 return_dict_in_generate=True, output_logits=True)
+        tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        logprobs = torch.log_softmax(out.logits[0][0].float(), dim=-1)
+        length = last_stats(model).tokens_per_layer[0][0] if config is not None else inputs["input_ids"].shape[1]
+        return tokens, logprobs, length
+    finally:
+        if config is not None:
+            remove_aim(model)
+
+
+def _close(served_logprobs: dict, ours: torch.Tensor, atol: float) -> bool:
+    return all(abs(ours[int(token)].item() - value) <= atol for token, value in served_logprobs.items())
+
+
+@needs_vllm
+@pytest.mark.parametrize("family, kind", QWEN_CASES, ids=[f"{f}-{k}" for f, k in QWEN_CASES])
+def test_tiny_qwen_served_with_the_plugin_equals_aim_in_transformers(tiny_qwen_served, family, kind):
+    model, inputs, results = tiny_qwen_served[(family, kind)]
+    assert results["merging off"] == results["no plugin"]
+    tokens, logprobs, length = transformers_step(model, inputs, None)
+    assert results["no plugin"]["prompt_tokens"] == length
+    assert tokens[: len(results["no plugin"]["token_ids"])] == results["no plugin"]["token_ids"]
+    assert _close(results["no plugin"]["logprobs"][0], logprobs, atol=TOLERANCE)
+
+    config = AIMConfig(merge_keep=MERGE_KEEP, prune=False, merged_positions="contiguous")
+    tokens, logprobs, length = transformers_step(model, inputs, config)
+    merged = results["merging on"]
+    assert merged["prompt_tokens"] == length < results["no plugin"]["prompt_tokens"]
+    assert tokens[: len(merged["token_ids"])] == merged["token_ids"]
+    assert _close(merged["logprobs"][0], logprobs, atol=TOLERANCE)
+    # (the random tiny models barely depend on positions: the position rule itself is checked
+    # directly in test_plugin_mrope_positions_follow_the_contiguous_rule)
+
+
+POSITIONS_SCRIPT = """
+import json, sys, types, torch
+from aim.integrations.vllm.qwen2_vl import AimQwen2VLForConditionalGeneration, AimQwen2_5_VLForConditionalGeneration
+spec = json.loads(sys.argv[1])
+cls = AimQwen2_5_VLForConditionalGeneration if spec["family"] == "qwen2_5_vl" else AimQwen2VLForConditionalGeneration
+model = object.__new__(cls)
+torch.nn.Module.__init__(model)
+ns = types.SimpleNamespace
+model.config = ns(vision_config=ns(spatial_merge_size=2, tokens_per_second=spec["tokens_per_second"]),
+                  aim_merge_keep=spec["merge_keep"])
+features = [ns(mm_position=ns(offset=offset), modality=spec["kind"],
+               data={spec["kind"] + "_grid_thw": ns(data=torch.tensor(spec["grid"])),
+                     **({"second_per_grid_ts": ns(data=torch.tensor(spec["seconds"]))} if spec["kind"] == "video" else {})})
+            for offset in spec["offsets"]]
+positions, _ = model.get_mrope_input_positions(spec["tokens"], features)
+print(json.dumps(positions.tolist()))
+"""
+
+
+@needs_vllm
+@pytest.mark.parametrize("family, kind", QWEN_CASES, ids=[f"{f}-{k}" for f, k in QWEN_CASES])
+def test_plugin_mrope_positions_follow_the_contiguous_rule(family, kind):
+    """The M-RoPE positions the plugin makes vLLM compute for a merged prompt (two images / videos)
+    equal the model's own rope index for that prompt with each frame laid out as one row, which
+    test_positions.py holds aim's ``merged_positions="contiguous"`` to."""
+    import subprocess
+
+    from aim.counts import group_size_after_merge
+    from aim.positions import mrope_row_layout
+    from aim.tiny import build_tiny_model
+
+    model = build_tiny_model(family, num_layers=1)
+    t, h, w = (1 if kind == "image" else 2), 12, 16
+    kept = group_size_after_merge((h // 2) * (w // 2), AIMConfig(merge_keep=MERGE_KEEP).merge_schedule)
+    placeholder = model.config.image_token_id if kind == "image" else model.config.video_token_id
+    start, end = model.config.vision_start_token_id, model.config.vision_end_token_id
+    item = [start] + [placeholder] * (t * kept) + [end]
+    tokens = [9, 10] + item + [11] + item + [12, 13]
+    offsets = [i + 1 for i, token in enumerate(tokens) if token == start]
+    seconds = 1.0  # Qwen2.5-VL: 1 s per temporal slice, so slices sit tokens_per_second apart in time
+    tokens_per_second = getattr(model.config.vision_config, "tokens_per_second", 1)
+    spec = dict(family=family, kind=kind, grid=[t, h, w], seconds=seconds, tokens_per_second=tokens_per_second,
+                merge_keep=MERGE_KEEP, offsets=offsets, tokens=tokens)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).with_name("vllm_support")), AIM_VLLM_CPU_WORKAROUNDS="1")
+    done = subprocess.run([VLLM_PYTHON, "-c", POSITIONS_SCRIPT, json.dumps(spec)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    ids = torch.tensor([tokens])
+    types = (ids == placeholder).long() * (1 if kind == "image" else 2)
+    rows, one, width = mrope_row_layout([kept] * t)
+    grid = torch.tensor([[rows, one * 2, width * 2]] * 2)
+    grids = {"image_grid_thw": grid} if kind == "image" else {"video_grid_thw": grid}
+    if family == "qwen2_5_vl" and kind == "video":
+        grids["second_per_grid_ts"] = torch.tensor([seconds, seconds])
+    expected = model.model.get_rope_index(ids, types, **grids)[0][:, 0]
+    assert torch.equal(served, expected)
+
+
+@needs_vllm
+def test_openai_server_answers_a_video_request_as_aim_in_transformers(tmp_path):
+    """The study model behind vLLM's OpenAI-compatible server (merging on), one chat request with a
+    video: the prompt's token count and the answer equal aim's transformers path."""
+    from aim.integrations.vllm.harness import OpenAIServer, video_data_url
+    from aim.integrations.vllm.offline import prepare_checkpoint
+    from aim.study.evaluate import predict
+
+    model_dir = prepare_checkpoint(Path(study.__file__).parents[1] / "default_model", tmp_path / "model")
+    model, processor = study.load_default_model()
+    clip = data.dataset("test", 1, kinds=data.VIDEO_KINDS)[0]
+    np.save(tmp_path / "clip.npy", clip.pixels)
+    url = video_data_url(VLLM_PYTHON, tmp_path / "clip.npy", tmp_path / "clip.mkv")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    words = [w for w in data.ANSWER_WORDS if w in tokenizer.get_vocab()]
+    with OpenAIServer(VLLM_PYTHON, model_dir, MERGE_KEEP, tmp_path / "server.log") as server:
+        reply = server.chat([{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": clip.qa[0].question}],
+                            max_tokens=1, temperature=0, allowed_token_ids=study.answer_token_ids(processor, words))
+    config = AIMConfig(merge_keep=MERGE_KEEP, prune=False, merged_positions="contiguous")
+    apply_aim(model, config)
+    try:
+        expected = predict(model, processor, [clip])[0]
+        inputs = study.model_inputs(study.to_inputs([clip], processor, model.config))
+        with torch.no_grad():
+            model(**inputs)
+        length = last_stats(model).tokens_per_layer[0][0]
+    finally:
+        remove_aim(model)
+    assert reply["usage"]["prompt_tokens"] == length
+    assert reply["choices"][0]["message"]["content"].strip() == expected

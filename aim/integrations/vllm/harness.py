@@ -1,6 +1,6 @@
 """Drive vLLM in its own virtualenv from aim's: write study-clip requests, run
-`aim.integrations.vllm.offline` there, read its results (the vLLM tests and
-`benchmarks/vllm_serving.py` use it)."""
+`aim.integrations.vllm.offline` there and read its results, or start its OpenAI-compatible server
+and send it chat requests (the vLLM tests and `benchmarks/vllm_serving.py` use it)."""
 
 from __future__ import annotations
 
@@ -47,9 +47,7 @@ def run_offline(vllm_python: str, model_dir: Path, workdir: Path, requests: list
     name = f"{'plugin' if plugin else 'noplugin'}-{merge_keep}"
     request_file, out = workdir / f"{name}.requests.json", workdir / f"{name}.out.json"
     request_file.write_text(json.dumps(requests))
-    env = dict(os.environ, PYTHONPATH=str(SUPPORT), AIM_VLLM_CPU_WORKAROUNDS="1")
-    if not plugin:
-        env["VLLM_PLUGINS"] = ""  # an allow-list that names no plugin
+    env = _vllm_env(plugin)
     command = [vllm_python, "-m", "aim.integrations.vllm.offline", "--model", str(model_dir),
                "--requests", str(request_file), "--out", str(out), "--max-tokens", str(max_tokens),
                "--repeats", str(repeats)]
@@ -59,3 +57,76 @@ def run_offline(vllm_python: str, model_dir: Path, workdir: Path, requests: list
     if done.returncode != 0:
         raise RuntimeError(f"vLLM run {name} failed:\n{done.stderr[-4000:]}")
     return json.loads(out.read_text())
+
+
+def _vllm_env(plugin: bool = True) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(SUPPORT), AIM_VLLM_CPU_WORKAROUNDS="1")
+    if not plugin:
+        env["VLLM_PLUGINS"] = ""
+    return env
+
+
+def video_data_url(vllm_python: str, frames: Path, out: Path, fps: float = 8.0) -> str:
+    """A ``data:`` URL of the uint8 frames saved at `frames`, encoded losslessly (FFV1 in Matroska,
+    by OpenCV in vLLM's virtualenv), so that vLLM's video loader decodes the exact pixels."""
+    import base64
+
+    code = ("import sys, cv2, numpy as np; f = np.load(sys.argv[1]); "
+            "w = cv2.VideoWriter(sys.argv[2], cv2.VideoWriter_fourcc(*'FFV1'), float(sys.argv[3]), (f.shape[2], f.shape[1])); "
+            "[w.write(cv2.cvtColor(x, cv2.COLOR_RGB2BGR)) for x in f]; w.release()")
+    subprocess.run([vllm_python, "-c", code, str(frames), str(out), str(fps)], check=True, env=_vllm_env(),
+                   capture_output=True, timeout=120)
+    return "data:video/x-matroska;base64," + base64.b64encode(out.read_bytes()).decode()
+
+
+class OpenAIServer:
+    """vLLM's OpenAI-compatible server on localhost, started in vLLM's virtualenv; a context manager
+    that waits until it answers and stops it on exit."""
+
+    def __init__(self, vllm_python: str, model_dir: Path, merge_keep: float | None, log: Path, startup: float = 600):
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.command = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                        "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "2048",
+                        "--enforce-eager", "--distributed-executor-backend", "uni"]
+        if merge_keep is not None:
+            self.command += ["--hf-overrides", json.dumps({"aim_merge_keep": merge_keep})]
+        self.model, self.log, self.startup = str(model_dir), log, startup
+
+    def __enter__(self) -> "OpenAIServer":
+        import time
+        import urllib.request
+
+        self.process = subprocess.Popen(self.command, env=_vllm_env(), stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited ({self.process.returncode}):\n{self.log.read_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5)
+                return self
+            except OSError:
+                time.sleep(2)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"vLLM's server did not answer within {self.startup:.0f} s:\n{self.log.read_text()[-4000:]}")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def chat(self, content: list[dict], **params) -> dict:
+        """POST one user message to ``/v1/chat/completions``; the response."""
+        import urllib.request
+
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], **params}
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.load(response)

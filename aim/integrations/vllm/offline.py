@@ -5,7 +5,9 @@ vLLM tests and `benchmarks/vllm_serving.py` start in vLLM's own virtualenv.
 
 Each request is ``{"prompt_token_ids": [...], "video": "frames.npy"}`` (uint8 ``(T, H, W, 3)``) or
 ``"image": "image.npy"`` (``(H, W, 3)``), with one placeholder token where the video / image goes;
-optionally ``"max_tokens"`` and ``"allowed_token_ids"`` (e.g. the answer words of a one-word answer);
+optionally ``"max_tokens"``, ``"allowed_token_ids"`` (e.g. the answer words of a one-word answer),
+``"logprobs"`` (how many top log-probabilities to return per token) and ``"video_fps"`` (the
+video's frame rate, passed as metadata, which Qwen2.5-VL needs);
 the output holds, per request, the prompt's token count after vLLM expanded the placeholder, the
 generated token ids, and the run's wall-clock time.
 """
@@ -56,7 +58,13 @@ def run(model: str, requests: list[dict], merge_keep: float | None, max_tokens: 
     for request in requests:
         prompt = {"prompt_token_ids": request["prompt_token_ids"]}
         if "video" in request:
-            prompt["multi_modal_data"] = {"video": np.load(request["video"])}
+            frames = np.load(request["video"])
+            if "video_fps" in request:  # Qwen2.5-VL takes (frames, metadata) pairs
+                count = len(frames)
+                metadata = {"fps": request["video_fps"], "total_num_frames": count, "frames_indices": list(range(count)),
+                            "duration": count / request["video_fps"], "do_sample_frames": False}
+                frames = (frames, metadata)
+            prompt["multi_modal_data"] = {"video": frames}
         elif "image" in request:
             from PIL import Image
 
@@ -64,7 +72,8 @@ def run(model: str, requests: list[dict], merge_keep: float | None, max_tokens: 
         prompts.append(prompt)
     params = [
         SamplingParams(temperature=0.0, max_tokens=request.get("max_tokens", max_tokens),
-                       allowed_token_ids=request.get("allowed_token_ids", allowed_token_ids))
+                       allowed_token_ids=request.get("allowed_token_ids", allowed_token_ids),
+                       logprobs=request.get("logprobs"))
         for request in requests
     ]
     times = []
@@ -77,7 +86,10 @@ def run(model: str, requests: list[dict], merge_keep: float | None, max_tokens: 
         "generate_seconds": min(times),
         "generate_seconds_each": times,
         "results": [
-            {"prompt_tokens": len(out.prompt_token_ids), "token_ids": list(out.outputs[0].token_ids)} for out in outputs
+            {"prompt_tokens": len(out.prompt_token_ids), "token_ids": list(out.outputs[0].token_ids),
+             # per generated token, the top log-probabilities {token id: logprob} (when asked for)
+             "logprobs": [{str(k): v.logprob for k, v in step.items()} for step in out.outputs[0].logprobs or []]}
+            for out in outputs
         ],
     }
 
