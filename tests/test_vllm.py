@@ -138,6 +138,18 @@ def test_bad_merge_setting_is_a_clear_error():
     Config.aim_merge_keep, Config.aim_merge_schedule = 0.5, [0.5]
     with pytest.raises(ValueError, match="not both"):
         merge_schedule(Config())
+    del Config.aim_merge_keep
+    assert merge_schedule(Config()) == (0.5,)
+    Config.aim_merge_schedule = [1.0]
+    assert merge_schedule(Config()) == ()  # keeps everything: merging off
+
+
+def test_count_disagreement_is_an_error_not_a_truncation():
+    from aim.integrations.vllm.settings import check_count
+
+    check_count("video", 145, 145)
+    with pytest.raises(RuntimeError, match="returned 146 merged video embeddings but the prompt holds 145"):
+        check_count("video", 146, 145)
 
 
 # --- the plugin's Qwen classes, on tiny random-weight models saved with a processor --------------

@@ -12,6 +12,7 @@ deployment merges), unlike aim's transformers path, which merges them too. Writt
 from __future__ import annotations
 
 import logging
+import math
 
 from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionDummyInputsBuilder,
@@ -60,10 +61,12 @@ class AimLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGene
         if not schedule:
             return videos
         frames = [len(video) for video in inputs["pixel_values_videos"]]
+        # the frame size the processing info assumed when it wrote the placeholders
+        grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        per_frame = math.ceil(grid / getattr(self.config, "spatial_pool_stride", 2)) ** 2
         merged = []
         for video, count in zip(videos, frames):
             features = video.reshape(-1, video.shape[-1])
-            per_frame = (features.shape[0] - NEWLINES) // count
             check_count("video", features.shape[0], per_frame * count + NEWLINES)
             out = merge_item(features, count, schedule, markers=NEWLINES)
             check_count("video", out.shape[0], merged_item_tokens(per_frame, count, schedule, markers=NEWLINES))
