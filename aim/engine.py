@@ -141,7 +141,7 @@ class AIMTextForward:
         if layout is not None and config.enabled and (config.merge_schedule or config.temporal_merging):
             merge_before_llm(tokens, layout, config, generator)
             if config.merged_positions == "contiguous":
-                shift = _renumber(model, controller.family, tokens, position_ids, visual, layout, shift)
+                shift = _renumber(model, controller.family, tokens, position_ids, chunk_valid, visual, layout, shift)
         recording = call is not None and call.record_positions
         kept_positions = [("merge", _visual_origins(tokens))] if recording else None
         # random ranking: one fixed random priority per prompt position, so removing and masking
@@ -227,13 +227,13 @@ class AIMTextForward:
         return compat.model_output(hidden, cache if use_cache else None)
 
 
-def _renumber(model, family, tokens: TokenSet, position_ids, visual, layout: VisualLayout, shift):
+def _renumber(model, family, tokens: TokenSet, position_ids, valid, visual, layout: VisualLayout, shift):
     """Give the slots merging left contiguous positions (``merged_positions="contiguous"``); returns
     the prompts' position shift for later chunks (added to the one they already had)."""
     batch = visual.shape[0]
     rope_ids = family.rope_position_ids(position_ids)
     rope_ids = rope_ids.expand(batch, -1) if rope_ids.ndim == 2 else rope_ids.expand(-1, batch, -1)
-    renumbered, moved = contiguous_positions(rope_ids, tokens.stays(), visual, layout.groups)
+    renumbered, moved = contiguous_positions(rope_ids, tokens.stays(), valid, visual, layout.groups)
     cos, sin = model.rotary_emb(tokens.hidden, renumbered)
     tokens.set_rope(cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
     return moved if shift is None else shift + moved

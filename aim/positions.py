@@ -10,9 +10,11 @@ before the encoder runs), so aim's vLLM plugin and the transformers path agree u
 - 1-D RoPE (LLaVA families): the tokens that stay count on from the first one.
 - 3-D M-RoPE (Qwen families): each image / video (a run of visual tokens) starts where the text
   before it ends; a frame's tokens that stay keep their frame's temporal offset and are laid out
-  as one row (height offset 0, width offset 0, 1, 2, ... in order), i.e. the positions the model
-  gives a grid of ``(frames, 1, kept per frame)`` tokens; the text after starts at the largest
-  position + 1. `mrope_row_layout` is the same rule for the vLLM plugin.
+  as one row (height offset 0, width offset 0, 1, 2, ... in order), i.e. the positions of a grid
+  of ``(frames, 1, kept per frame)`` tokens; the text after starts at the largest position of the
+  run + 1 over all three axes, as vLLM numbers it (transformers 5.24's own rope index resumes
+  after the spatial extent only, which differs from vLLM when a video's time axis is the longest,
+  with or without aim). `mrope_row_layout` is the same rule for the vLLM plugin.
 
 Text positions after a merged image shift by the same amount in every later chunk (decoding
 steps, verification passes): the shift per prompt is returned and kept with the KV cache.
@@ -26,7 +28,8 @@ import torch
 
 
 def contiguous_positions(
-    position_ids: torch.Tensor, stays: torch.Tensor, visual: torch.Tensor, groups: Sequence[Sequence[torch.Tensor]]
+    position_ids: torch.Tensor, stays: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor,
+    groups: Sequence[Sequence[torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Renumber the slots that stay after merging.
 
@@ -34,6 +37,8 @@ def contiguous_positions(
         position_ids: the chunk's RoPE positions, ``(batch, seq)`` (1-D RoPE) or ``(3, batch, seq)``
             (M-RoPE rows t / h / w).
         stays: ``(batch, seq)`` the valid slots merging kept (text and visual).
+        valid: ``(batch, seq)`` the slots of the input that are not padding (numbering starts at
+            the first, even where merging removed it).
         visual: ``(batch, seq)`` the visual slots of the input (before merging).
         groups: per sample, the sequence positions of each frame / crop (`aim.layout.VisualLayout`).
     Returns:
@@ -42,20 +47,20 @@ def contiguous_positions(
         frame grid can move them forward).
     """
     if position_ids.ndim == 2:
-        return _contiguous_1d(position_ids, stays)
+        return _contiguous_1d(position_ids, stays, valid)
     if position_ids.ndim != 3:
         raise ValueError(f"position ids of shape {tuple(position_ids.shape)}: expected (batch, seq) or (rows, batch, seq)")
     new = position_ids.clone()
     shift = torch.zeros(position_ids.shape[1], dtype=position_ids.dtype, device=position_ids.device)
     for sample in range(position_ids.shape[1]):
         new[:, sample], shift[sample] = _contiguous_mrope(
-            position_ids[:, sample], stays[sample], visual[sample], groups[sample] if sample < len(groups) else []
+            position_ids[:, sample], stays[sample], visual[sample] & valid[sample], groups[sample] if sample < len(groups) else []
         )
     return new, shift
 
 
-def _contiguous_1d(position_ids: torch.Tensor, stays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    first = stays.int().argmax(dim=1, keepdim=True)
+def _contiguous_1d(position_ids: torch.Tensor, stays: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    first = valid.int().argmax(dim=1, keepdim=True)
     base = position_ids.gather(1, first)
     rank = stays.long().cumsum(dim=1) - 1
     new = torch.where(stays, base + rank, position_ids)
@@ -91,6 +96,7 @@ def _contiguous_mrope(old: torch.Tensor, stays: torch.Tensor, visual: torch.Tens
         for first, group in group_starts:
             if not start <= first < end:
                 continue
+            group = group.to(stays.device)
             kept = group[stays[group]].sort().values
             if kept.numel() == 0:
                 continue
@@ -98,7 +104,10 @@ def _contiguous_mrope(old: torch.Tensor, stays: torch.Tensor, visual: torch.Tens
             new[1, kept] = new_origin
             new[2, kept] = new_origin + torch.arange(kept.numel(), device=old.device, dtype=old.dtype)
         if bool(kept_block.any()):
-            delta = new[:, start:end][:, kept_block].max() - block.max()
+            # the text after the run goes on at the run's largest position + 1 (vLLM's numbering),
+            # wherever the input's own numbering had put it
+            resumes = old[0, end] if end < old.shape[1] and bool(stays[end]) else block.max() + 1
+            delta = new[:, start:end][:, kept_block].max() + 1 - resumes
         done = end
     new[:, done:] = old[:, done:] + delta
     return new, delta

@@ -34,10 +34,16 @@ def tiny(family):
 def test_contiguous_1d_counts_on_from_the_first_token():
     positions = torch.arange(3, 11).expand(2, 8)
     stays = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    new, shift = contiguous_positions(positions, stays, torch.zeros_like(stays), [[], []])
+    valid = torch.ones_like(stays)
+    valid[1, :2] = False  # left padding
+    new, shift = contiguous_positions(positions, stays, valid, torch.zeros_like(stays), [[], []])
     assert new[0][stays[0]].tolist() == [3, 4, 5, 6, 7]
     assert new[1][stays[1]].tolist() == [5, 6, 7, 8, 9, 10]
     assert shift.tolist() == [-3, 0]
+    # a prompt whose first token merged away still starts at its first position
+    stays = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    new, shift = contiguous_positions(positions[:1], stays, torch.ones_like(stays), torch.zeros_like(stays), [[]])
+    assert new[0][stays[0]].tolist() == [3, 4, 5, 6, 7, 8] and shift.tolist() == [-2]
 
 
 def test_contiguous_mrope_lays_each_frame_out_as_a_row():
@@ -51,13 +57,36 @@ def test_contiguous_mrope_lays_each_frame_out_as_a_row():
     stays = torch.ones_like(visual)
     stays[0, [3, 4, 8, 9]] = False  # each frame keeps 2 of its 4 tokens
     groups = [[torch.arange(2, 6), torch.arange(6, 10)]]
-    new, shift = contiguous_positions(old, stays, visual, groups)
+    new, shift = contiguous_positions(old, stays, torch.ones_like(stays), visual, groups)
     kept = stays[0]
     assert new[0, 0][kept].tolist() == [0, 1, 2, 2, 5, 5, 6, 7]  # frames keep their time offset
     assert new[1, 0][kept].tolist() == [0, 1, 2, 2, 2, 2, 6, 7]  # one row
     assert new[2, 0][kept].tolist() == [0, 1, 2, 3, 2, 3, 6, 7]  # columns 0, 1 of the kept
     assert shift.tolist() == [0]  # the time axis is the longest here: text goes on at 6
     assert mrope_row_layout([2, 2]) == (2, 1, 2)
+
+
+def test_contiguous_mrope_when_time_is_the_longest_axis_and_over_two_items():
+    # transformers 5.24 numbering: text 0 1, a video of 3 slices at t offsets 0 / 5 / 10 on a 2x2
+    # grid from 2 (text resumes after the spatial extent: 2 + 2 = 4), text 4, an image on a 2x2
+    # grid from 5, text from 7. Each slice / the image keeps 2 of its 4 tokens.
+    t = [0, 1] + [2] * 4 + [7] * 4 + [12] * 4 + [4] + [5] * 4 + [7, 8]
+    h = [0, 1] + [2, 2, 3, 3] * 3 + [4] + [5, 5, 6, 6] + [7, 8]
+    w = [0, 1] + [2, 3, 2, 3] * 3 + [4] + [5, 6, 5, 6] + [7, 8]
+    old = torch.tensor([t, h, w]).unsqueeze(1)
+    visual = torch.zeros(1, len(t), dtype=torch.bool)
+    visual[0, 2:14] = visual[0, 15:19] = True
+    groups = [[torch.arange(2, 6), torch.arange(6, 10), torch.arange(10, 14), torch.arange(15, 19)]]
+    stays = torch.ones_like(visual)
+    stays[0, [3, 5, 7, 9, 11, 13, 16, 18]] = False
+    new, shift = contiguous_positions(old, stays, torch.ones_like(stays), visual, groups)
+    kept = new[:, 0][:, stays[0]].tolist()
+    # the video: time offsets kept, one row per slice; text goes on after the largest position (12)
+    # as vLLM numbers it; the image starts after that text and the shift carries on
+    assert kept[0] == [0, 1, 2, 2, 7, 7, 12, 12, 13, 14, 14, 16, 17]
+    assert kept[1] == [0, 1, 2, 2, 2, 2, 2, 2, 13, 14, 14, 16, 17]
+    assert kept[2] == [0, 1, 2, 3, 2, 3, 2, 3, 13, 14, 15, 16, 17]
+    assert shift.tolist() == [9]
     with pytest.raises(ValueError, match="equal kept tokens per frame"):
         mrope_row_layout([2, 3])
 
@@ -123,10 +152,14 @@ def test_contiguous_generate_with_cache_equals_recomputation(family, kind):
     inputs = make_inputs(model, kind=kind, batch_size=2, text_lengths=(5, 9))
     apply_aim(model, AIMConfig(merge_keep=0.5, prune_keep_ratios=(1.0, 0.5, 0.25), merged_positions="contiguous"))
     greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, suppress_tokens=SPECIAL_IDS)
+    greedy.update(return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         cached = model.generate(**inputs, **greedy)
         recomputed = model.generate(**inputs, **greedy, use_cache=False)
-    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    # every decoding step at the right (shifted) positions: the logits, not only the argmax
+    for step_cached, step_recomputed in zip(cached.logits, recomputed.logits):
+        torch.testing.assert_close(step_cached, step_recomputed, rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_position_rule_is_refused():

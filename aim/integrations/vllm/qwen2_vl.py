@@ -10,6 +10,7 @@ Written for vLLM 0.32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -94,6 +95,12 @@ class _ModelMixin:
             check_count(kind, merged.shape[0], merged_item_tokens(per_slice, slices, schedule))
             out.append(merged)
         return tuple(out)
+
+    def get_encoder_cudagraph_config(self):
+        # encoder CUDA graphs (GPU, opt-in) bypass _process_*_input: keep them off while merging,
+        # or vLLM would place unmerged embeddings and cut them to the placeholders without a word
+        config = super().get_encoder_cudagraph_config()
+        return dataclasses.replace(config, modalities=[]) if merge_schedule(self.config) else config
 
     def iter_mm_grid_thw(self, mm_features):
         schedule = merge_schedule(self.config)
