@@ -20,6 +20,7 @@ tower included: the time to the first token), not decoding.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import statistics
 import sys
@@ -53,11 +54,18 @@ def background_load(seconds: float, processes: int) -> list[mp.Process]:
 
 
 def request(model, processor, example, answer_ids, words, **call) -> tuple[float, bool, str]:
-    """One request: the prefill with its answer read from the logits; (seconds, correct, point)."""
+    """One request: the prefill with its answer read from the logits; (seconds, correct, point). A
+    request aim refuses (its budget below the cheapest setting even at this machine's quiet speed)
+    counts as a miss without an answer: (inf, False, "refused")."""
     inputs = model_inputs(to_inputs([example], processor, model.config))
     start = time.perf_counter()
-    with torch.no_grad():
-        logits = model(**inputs, **call).logits[0, -1]
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, **call).logits[0, -1]
+    except ValueError as error:
+        if "below the cheapest" not in str(error):
+            raise
+        return math.inf, False, "refused"
     seconds = time.perf_counter() - start
     answer = words[int(logits[answer_ids].argmax())]
     stats = last_stats(model)

@@ -178,6 +178,27 @@ def test_latency_budget_under_heavy_load_runs_the_cheapest_and_recovers(tiny_vid
     assert selector.load.factor < 1.3
 
 
+def test_latency_budget_on_a_faster_machine_under_load_is_best_effort_not_refused(tiny_video, caplog):
+    """On a machine twice as fast as the calibrating one, a budget the cheapest point meets here when
+    quiet (but would not on the calibrating machine) gets the cheapest point under load, not an error."""
+    model, inputs = tiny_video
+    cheap, dear, selector = _cheap_and_dear(model)
+    spec = _described(model, inputs[0])
+    cheap_s = selector.predict(cheap, spec)[1]
+    budget = Budget(ms=0.7 * 1000 * cheap_s)  # fits 0.5x, not 1x
+    selector.load.observe(0.5 * cheap_s, cheap_s)  # measured: twice as fast
+    assert selector.choose(budget, [spec]).point == "cheap"
+    for _ in range(6):  # then the machine is shared: prefills take 3x the prediction
+        choice = selector.choose(budget, [spec])
+        selector.load.observe(3 * choice.predicted_seconds / choice.load_factor, choice.predicted_seconds / choice.load_factor)
+    assert selector.load.factor > 1.5 and selector.load.quietest == pytest.approx(0.5)
+    with caplog.at_level("WARNING", logger="aim.budget.select"):
+        assert selector.choose(budget, [spec]).point == "cheap"
+    assert "best effort" in caplog.text
+    with pytest.raises(ValueError, match="below the cheapest"):  # too small even at this machine's quiet speed
+        selector.choose(Budget(ms=0.4 * 1000 * cheap_s), [spec])
+
+
 def test_profile_from_a_slower_machine_adapts_after_the_first_call(tiny_video, caplog):
     """A profile calibrated on a machine eight times as slow: before any measurement, a budget below
     the cheapest point's prediction runs the cheapest with a warning (not a refusal); the first

@@ -80,6 +80,7 @@ class LoadTracker:
         self.alpha, self.band, self.warmup = alpha, band, warmup
         self.average = 1.0
         self.factor = 1.0
+        self.quietest = 1.0  # the lowest factor measured: this machine's speed when quiet
         self.observations = 0
         self._lock = threading.Lock()  # one model, many threads
 
@@ -94,10 +95,12 @@ class LoadTracker:
                 # a mean of several, since the first call after patching is often slow
                 previous = 0.0 if self.observations == 1 else self.average
                 self.average = self.factor = previous + (ratio - previous) / self.observations
+                self.quietest = self.factor if self.observations == 1 else min(self.quietest, self.factor)
                 return
             self.average = (1 - self.alpha) * self.average + self.alpha * ratio
             if not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
                 self.factor = self.average
+                self.quietest = min(self.quietest, self.factor)
 
 
 def input_spec(text_tokens: int, groups: list[int], markers: int, video_groups: list[int]) -> InputSpec:
@@ -149,7 +152,8 @@ class Selector:
                            "on the machine that calibrated the profile; running it as the best effort until this "
                            "machine's prefill times are measured", budget.describe(), cheapest[1].name, cheapest[0])
             best = cheapest[1:]
-        if best is None and budget.ms is not None and factor > 1.0 and cheapest[0] / factor <= limit + 1e-12:
+        quiet = self.load.quietest
+        if best is None and budget.ms is not None and factor > quiet and cheapest[0] / factor * quiet <= limit + 1e-12:
             # the budget fits this machine when quiet, not under the load measured now: run the
             # cheapest setting (best effort, with a warning) rather than refuse, so that its measured
             # time keeps updating the load estimate and the choice comes back when the load ends
