@@ -275,6 +275,7 @@ def test_plugin_mrope_positions_follow_the_contiguous_rule(family, kind):
     import subprocess
 
     from aim.counts import group_size_after_merge
+    from aim.integrations.vllm.harness import vllm_env
     from aim.positions import mrope_row_layout
     from aim.tiny import build_tiny_model
 
@@ -290,8 +291,7 @@ def test_plugin_mrope_positions_follow_the_contiguous_rule(family, kind):
     tokens_per_second = getattr(model.config.vision_config, "tokens_per_second", 1)
     spec = dict(family=family, kind=kind, grid=[t, h, w], seconds=seconds, tokens_per_second=tokens_per_second,
                 merge_keep=MERGE_KEEP, offsets=offsets, tokens=tokens)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).with_name("vllm_support")), AIM_VLLM_CPU_WORKAROUNDS="1")
-    done = subprocess.run([VLLM_PYTHON, "-c", POSITIONS_SCRIPT, json.dumps(spec)], env=env, capture_output=True,
+    done = subprocess.run([VLLM_PYTHON, "-c", POSITIONS_SCRIPT, json.dumps(spec)], env=vllm_env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     served = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -313,15 +313,14 @@ def test_openai_server_answers_a_video_request_as_aim_in_transformers(tmp_path):
     video: the prompt's token count and the answer equal aim's transformers path."""
     from aim.integrations.vllm.harness import OpenAIServer, video_data_url
     from aim.integrations.vllm.offline import prepare_checkpoint
-    from aim.study.evaluate import predict
+    from aim.study.evaluate import known_answer_words, predict
 
     model_dir = prepare_checkpoint(Path(study.__file__).parents[1] / "default_model", tmp_path / "model")
     model, processor = study.load_default_model()
     clip = data.dataset("test", 1, kinds=data.VIDEO_KINDS)[0]
     np.save(tmp_path / "clip.npy", clip.pixels)
     url = video_data_url(VLLM_PYTHON, tmp_path / "clip.npy", tmp_path / "clip.mkv")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    words = [w for w in data.ANSWER_WORDS if w in tokenizer.get_vocab()]
+    words = known_answer_words(processor)
     with OpenAIServer(VLLM_PYTHON, model_dir, MERGE_KEEP, tmp_path / "server.log") as server:
         reply = server.chat([{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": clip.qa[0].question}],
                             max_tokens=1, temperature=0, allowed_token_ids=study.answer_token_ids(processor, words))

@@ -20,12 +20,11 @@ def study_requests(workdir: Path, clips: Sequence, processor, one_word: int) -> 
     """Requests for `clips` (study examples with videos): their first question's chat prompt with one
     video placeholder; the first `one_word` answer with one of the answer words (as the study
     scores), the rest generate freely."""
-    from ...study import data
     from ...study import model as study
+    from ...study.evaluate import known_answer_words
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    words = [w for w in data.ANSWER_WORDS if w in tokenizer.get_vocab()]
-    word_ids = study.answer_token_ids(processor, words)
+    word_ids = study.answer_token_ids(processor, known_answer_words(processor))
     requests = []
     for i, clip in enumerate(clips):
         if not clip.is_video:
@@ -47,7 +46,7 @@ def run_offline(vllm_python: str, model_dir: Path, workdir: Path, requests: list
     name = f"{'plugin' if plugin else 'noplugin'}-{merge_keep}"
     request_file, out = workdir / f"{name}.requests.json", workdir / f"{name}.out.json"
     request_file.write_text(json.dumps(requests))
-    env = _vllm_env(plugin)
+    env = vllm_env(plugin)
     command = [vllm_python, "-m", "aim.integrations.vllm.offline", "--model", str(model_dir),
                "--requests", str(request_file), "--out", str(out), "--max-tokens", str(max_tokens),
                "--repeats", str(repeats)]
@@ -59,7 +58,9 @@ def run_offline(vllm_python: str, model_dir: Path, workdir: Path, requests: list
     return json.loads(out.read_text())
 
 
-def _vllm_env(plugin: bool = True) -> dict:
+def vllm_env(plugin: bool = True) -> dict:
+    """The environment of a process in vLLM's virtualenv: the CPU build's workarounds loaded; with
+    ``plugin=False`` an allow-list that names no plugin (vLLM's own model classes)."""
     env = dict(os.environ, PYTHONPATH=str(SUPPORT), AIM_VLLM_CPU_WORKAROUNDS="1")
     if not plugin:
         env["VLLM_PLUGINS"] = ""
@@ -74,7 +75,7 @@ def video_data_url(vllm_python: str, frames: Path, out: Path, fps: float = 8.0) 
     code = ("import sys, cv2, numpy as np; f = np.load(sys.argv[1]); "
             "w = cv2.VideoWriter(sys.argv[2], cv2.VideoWriter_fourcc(*'FFV1'), float(sys.argv[3]), (f.shape[2], f.shape[1])); "
             "[w.write(cv2.cvtColor(x, cv2.COLOR_RGB2BGR)) for x in f]; w.release()")
-    subprocess.run([vllm_python, "-c", code, str(frames), str(out), str(fps)], check=True, env=_vllm_env(),
+    subprocess.run([vllm_python, "-c", code, str(frames), str(out), str(fps)], check=True, env=vllm_env(),
                    capture_output=True, timeout=120)
     return "data:video/x-matroska;base64," + base64.b64encode(out.read_bytes()).decode()
 
@@ -100,7 +101,7 @@ class OpenAIServer:
         import time
         import urllib.request
 
-        self.process = subprocess.Popen(self.command, env=_vllm_env(), stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, env=vllm_env(), stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
