@@ -2,7 +2,8 @@
 tokens differs.
 
 Before the LLM (per frame / crop, where AIM merges): random dropping and uniform spatial
-average pooling. Inside the LLM (the ranking at pruning layers, where AIM uses PageRank):
+average pooling; per video: EVS, vLLM's own video pruning (drop the tokens that repeat the same
+place of the previous frame). Inside the LLM (the ranking at pruning layers, where AIM uses PageRank):
 random ranking (a fixed random priority per prompt position, drawn in the engine) and
 FastV's attention from the last token (arXiv 2403.06764). Each returns what its AIM
 counterpart returns (`MergedTokens`, a ``(batch, N)`` importance), so the engine, the stats
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .counts import grid_side, group_size_after_merge, pooled_shape  # noqa: F401 (re-exported)
+from .counts import evs_kept_tokens, grid_side, group_size_after_merge, pooled_shape  # noqa: F401 (re-exported)
 from .merge import MergedTokens, merge_tokens, split_carry
 
 
@@ -50,6 +51,29 @@ def reduce_groups(
     if method == "pool":
         return split_carry(_pool(values, pooled_shape(n, schedule[-1])), dim)
     raise ValueError(f"unknown merge method {method!r}")
+
+
+def evs_retention(frames: torch.Tensor, keep: float) -> torch.Tensor:
+    """EVS (Efficient Video Sampling), the video pruning vLLM ships (``--video-pruning-rate``,
+    ``vllm/multimodal/video_prune/evs.py``, written here after vLLM 0.32's torch code): a token's
+    score is its cosine dissimilarity to the token at the same place of the previous frame (the
+    first frame scores highest, so it is kept whole); the `evs_kept_tokens` highest-scoring tokens
+    of the whole video stay, the rest are dropped (not merged), and the survivors keep their positions.
+
+    Args:
+        frames: ``(T, n, dim)`` one video's tokens, frame after frame, each frame in grid order.
+        keep: the fraction of the video's tokens that stays (vLLM's ``1 - video_pruning_rate``).
+    Returns:
+        ``(T, n)`` bool, True where a token stays.
+    """
+    count, n, _ = frames.shape
+    similarity = F.cosine_similarity(frames[1:], frames[:-1], dim=-1)
+    first = 255 * torch.ones_like(frames[:1, :, 0])  # vLLM's score of the first frame: above any dissimilarity
+    dissimilarity = torch.cat([first, 1 - similarity], dim=0).reshape(-1)
+    order = torch.argsort(dissimilarity, dim=-1, descending=True, stable=True)
+    mask = torch.zeros_like(dissimilarity, dtype=torch.bool)
+    mask[order[: evs_kept_tokens(n, count, keep)]] = True
+    return mask.view(count, n)
 
 
 def _pool(features: torch.Tensor, shape: tuple[int, int]) -> MergedTokens:

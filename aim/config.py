@@ -16,7 +16,7 @@ from typing import Sequence
 DEFAULT_MERGE_SCHEDULE: tuple[float, ...] = (0.5, 0.25)
 PRUNE_MODES = ("remove", "mask")
 # AIM's own methods first; the others are the baselines the accuracy study compares against
-MERGE_METHODS = ("bipartite", "pool", "random")
+MERGE_METHODS = ("bipartite", "pool", "random", "evs")
 PRUNE_METHODS = ("pagerank", "last_token", "random")
 # what happens to the visual tokens a pruning layer removes
 PRUNE_ACTIONS = ("drop", "merge")
@@ -76,7 +76,9 @@ class AIMConfig:
             reference the public AIM code uses. Useful for checking and comparisons.
         merge_method: how each frame / crop is reduced before the LLM: ``"bipartite"`` (AIM's
             similarity merging), or the baselines ``"pool"`` (uniform spatial average pooling
-            of square grids to the closest rows x cols grid) and ``"random"`` (random dropping). The
+            of square grids to the closest rows x cols grid), ``"random"`` (random dropping) and
+            ``"evs"`` (vLLM's video pruning, per video: the tokens least like the same place of the
+            previous frame stay, `aim.baselines.evs_retention`; images are left as they are). The
             baselines only use the final fraction of `merge_schedule`.
         prune_method: how visual tokens are ranked at pruning layers: ``"pagerank"`` (AIM), or
             the baselines ``"last_token"`` (FastV: attention from the last token, mean over
@@ -178,6 +180,8 @@ class AIMConfig:
                 raise ValueError("give either temporal_keep (a fraction) or temporal_threshold (a similarity), not both")
         if isinstance(self.temporal_window, bool) or not isinstance(self.temporal_window, int) or self.temporal_window < 1:
             raise ValueError(f"temporal_window must be an integer >= 1 (earlier frames matched), got {self.temporal_window!r}")
+        if self.temporal_merging and self.merge_method == "evs":
+            raise ValueError("EVS prunes whole videos itself; use it without temporal merging (temporal_keep=1.0)")
         if self.temporal_merging and self.merge_method == "pool":
             raise ValueError(
                 "temporal merging leaves frames of different sizes, which uniform pooling (square grids) "
@@ -251,7 +255,10 @@ class AIMConfig:
         if not self.enabled:
             return "off: the unchanged model"
         merge_names = {"bipartite": "merging", "pool": "uniform pooling", "random": "random dropping"}
-        if self.merge_schedule and self.merge_schedule[-1] < 1.0:
+        if self.merge_schedule and self.merge_schedule[-1] < 1.0 and self.merge_method == "evs":
+            merge = (f"EVS keeps {self.merge_schedule[-1]:.0%} of each video's visual tokens (the least like the "
+                     "previous frame; images unchanged)")
+        elif self.merge_schedule and self.merge_schedule[-1] < 1.0:
             steps = ", ".join(f"{k:.0%}" for k in self.merge_schedule)
             merge = f"{merge_names[self.merge_method]} keeps {self.merge_schedule[-1]:.0%} of each frame's / crop's visual tokens"
             if self.merge_method == "bipartite":

@@ -73,3 +73,20 @@ def merged_item_tokens(frame_tokens: int, frames: int, schedule: Sequence[float]
     `frame_tokens` each, plus `markers` tokens outside every frame (LLaVA-OneVision's closing
     newline), which never merge. Serving engines place this many placeholders before encoding."""
     return frames * group_size_after_merge(frame_tokens, schedule) + markers
+
+
+def merged_anyres_tokens(base: int, grid: int, newlines: int, schedule: Sequence[float]) -> int:
+    """Tokens an any-resolution image (LLaVA-NeXT / OneVision) keeps after merging: its base view of
+    `base` tokens and its high-resolution grid of `grid` tokens merge as two groups; the `newlines`
+    tokens closing the grid's rows never merge."""
+    return group_size_after_merge(base, schedule) + group_size_after_merge(grid, schedule) + newlines
+
+
+def evs_kept_tokens(frame_tokens: int, frames: int, keep: float) -> int:
+    """Tokens a video of `frames` frames of `frame_tokens` each keeps under EVS (vLLM's video
+    pruning, `aim.baselines.evs_retention`) at retention `keep`: vLLM's
+    ``max(frame_tokens, int(total * (1 - q)))`` with pruning rate ``q = 1 - keep`` (the same float
+    arithmetic, so the counts agree with vLLM's), at least the whole first frame."""
+    total = frame_tokens * frames
+    rate = 1.0 - keep
+    return max(frame_tokens, int(total * (1 - rate)))

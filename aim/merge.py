@@ -133,3 +133,24 @@ def merge_item(features: torch.Tensor, frames: int, schedule: Sequence[float], m
     per_frame = features[:total].reshape(frames, total // frames, features.shape[-1])
     merged = merge_tokens(per_frame, schedule).features if total // frames >= 2 and schedule else per_frame
     return torch.cat([merged.reshape(-1, features.shape[-1]), features[total:]])
+
+
+def merge_item_groups(features: torch.Tensor, groups: Sequence[torch.Tensor], schedule: Sequence[float]) -> torch.Tensor:
+    """Merge one item's features ``(n, dim)`` group by group (`groups`: positions, e.g. the base view
+    and the high-resolution grid of an any-resolution image without its newline tokens), as aim's
+    transformers path does: groups of equal size merge together, every position in no group stays,
+    and the survivors keep their order. Returns ``(n - merged away, dim)``."""
+    keep = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    out = features.clone()
+    by_size: dict[int, list[torch.Tensor]] = {}
+    for positions in groups:
+        if positions.numel() >= 2:
+            by_size.setdefault(positions.numel(), []).append(positions.to(features.device))
+    for same_size in by_size.values():
+        stacked = torch.stack(same_size)  # (groups, size)
+        merged = merge_tokens(features[stacked], schedule)
+        survivors = stacked.gather(1, merged.index)
+        keep[stacked] = False
+        keep[survivors] = True
+        out[survivors] = merged.features
+    return out[keep]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .baselines import reduce_groups
+from .baselines import evs_retention, reduce_groups
 from .config import AIMConfig
 from .layout import VisualLayout
 from .merge import best_match
@@ -32,7 +32,10 @@ def merge_before_llm(tokens: TokenSet, layout: VisualLayout, config: AIMConfig, 
         if config.temporal_merging:
             for video in layout.videos[sample] if sample < len(layout.videos) else ():
                 _merge_video(tokens, sample, groups, video, config, keep)
-        if config.merge_schedule:
+        if config.merge_schedule and config.merge_method == "evs":
+            for video in layout.videos[sample] if sample < len(layout.videos) else ():
+                _prune_video_evs(tokens, sample, groups, video, config.merge_schedule[-1], keep)
+        elif config.merge_schedule:
             _merge_groups(tokens, sample, groups, config, keep, generator)
     tokens.keep(keep)
 
@@ -53,13 +56,24 @@ def _store(tokens: TokenSet, sample: int, positions: torch.Tensor, values: torch
     tokens.sizes[sample, positions] = sizes
 
 
-def _merge_video(tokens, sample, groups, video, config: AIMConfig, keep) -> None:
+def _video_positions(groups, video, method: str) -> torch.Tensor:
+    """``(T, n)`` positions of one video's frames (which must hold equal token counts)."""
     frames = [groups[i] for i in video]
     if len({f.numel() for f in frames}) != 1:
-        raise ValueError(
-            f"temporal merging needs a video's frames to hold equal token counts, got {[f.numel() for f in frames]}"
-        )
-    positions = torch.stack(frames)  # (T, n)
+        raise ValueError(f"{method} needs a video's frames to hold equal token counts, got {[f.numel() for f in frames]}")
+    return torch.stack(frames)
+
+
+def _prune_video_evs(tokens, sample, groups, video, kept_fraction: float, keep) -> None:
+    positions = _video_positions(groups, video, "EVS")
+    stays = evs_retention(tokens.hidden[sample, positions], kept_fraction)
+    keep[sample, positions[~stays]] = False
+    for row, index in enumerate(video):
+        groups[index] = positions[row][stays[row]]
+
+
+def _merge_video(tokens, sample, groups, video, config: AIMConfig, keep) -> None:
+    positions = _video_positions(groups, video, "temporal merging")  # (T, n)
     count, n = positions.shape
     dest = temporal_destinations(
         tokens.hidden[sample, positions], keep=config.temporal_keep,

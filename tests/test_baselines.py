@@ -1,4 +1,4 @@
-"""The token-reduction baselines (random dropping, uniform pooling, FastV ranking, random
+"""The token-reduction baselines (random dropping, uniform pooling, EVS, FastV ranking, random
 ranking): hand-checked small cases, a dense reference, and the engine running them with the
 same bookkeeping as AIM (counts equal the FLOPs model's, removal equals masking)."""
 
@@ -7,7 +7,7 @@ import torch
 
 from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim import flops as F
-from aim.baselines import group_size_after_merge, last_token_importance, reduce_groups
+from aim.baselines import evs_kept_tokens, evs_retention, group_size_after_merge, last_token_importance, reduce_groups
 from aim.tiny import build_tiny_model, make_inputs
 from aim.visualize import record_kept_tokens
 
@@ -44,6 +44,56 @@ def test_random_drop_keeps_original_tokens_in_order_and_is_seeded():
     torch.testing.assert_close(first.features, features.gather(1, first.index.unsqueeze(-1).expand(-1, -1, 4)))
 
 
+def test_evs_keeps_the_first_frame_and_the_tokens_that_changed():
+    torch.manual_seed(0)
+    frames = torch.randn(4, 6, 8)
+    frames[1] = frames[0]  # frame 1 repeats frame 0 exactly
+    frames[2, :3] = frames[1, :3] * 2.0  # same direction: cosine 1, nothing new
+    frames[3, 5] = -frames[2, 5]  # the most changed token there is
+    stays = evs_retention(frames, 0.5)
+    assert int(stays.sum()) == evs_kept_tokens(6, 4, 0.5) == 12
+    assert bool(stays[0].all())  # the first frame whole
+    assert not bool(stays[1].any()) and not bool(stays[2, :3].any())
+    assert bool(stays[3, 5])
+    # at least one whole frame, whatever the rate; everything at keep 1.0
+    assert int(evs_retention(frames, 0.01).sum()) == 6 == evs_kept_tokens(6, 4, 0.01)
+    assert bool(evs_retention(frames, 1.0).all())
+
+
+def test_evs_in_the_engine_equals_the_unpatched_model_on_the_pruned_prompt(onevision):
+    """EVS drops a video's repeated tokens before the LLM and the rest keep their positions: the
+    unpatched model on the prompt without the dropped tokens (its own position ids) gives the same
+    logits."""
+    model, inputs = onevision
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        out = model.model.get_video_features(inputs["pixel_values_videos"])
+        features = getattr(out, "pooler_output", out)[0].reshape(-1, model.config.text_config.hidden_size)
+        frames = inputs["pixel_values_videos"].shape[1]
+        per_frame = (features.shape[0] - 1) // frames  # LLaVA-OneVision closes a video with a newline token
+        stays = evs_retention(features[:-1].view(frames, per_frame, -1), 0.25).flatten()
+        embeds = model.get_input_embeddings()(ids[None])
+        placeholder = ids == model.config.video_token_index
+        embeds[0, placeholder] = features.to(embeds.dtype)
+        kept = torch.ones_like(ids, dtype=torch.bool)
+        kept[placeholder] = torch.cat([stays, torch.ones(1, dtype=torch.bool)])
+        positions = torch.arange(ids.shape[0])[kept][None]
+        reference = model(inputs_embeds=embeds[:, kept], position_ids=positions,
+                          attention_mask=torch.ones_like(positions)).logits[0, -1]
+        apply_aim(model, merge_method="evs", merge_keep=0.25, prune=False)
+        try:
+            patched = model(**inputs).logits[0, -1]
+            assert last_stats(model).visual_tokens_after_merge == [int(stays.sum()) + 1]
+        finally:
+            remove_aim(model)
+    torch.testing.assert_close(patched, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_evs_is_refused_with_temporal_merging():
+    with pytest.raises(ValueError, match="EVS prunes whole videos itself"):
+        AIMConfig(merge_method="evs", temporal_keep=0.5)
+
+
 def test_last_token_importance_matches_the_dense_formula():
     torch.manual_seed(0)
     batch, heads, kv_heads, n, dim = 2, 6, 2, 7, 8
@@ -67,6 +117,8 @@ BASELINES = [
     dict(merge_schedule=(), prune_keep_ratios=(1.0, 1.0, 0.25, 0.25), prune_method="last_token"),
     dict(merge_schedule=(), prune_keep_ratios=(1.0, 0.5, 0.25, 0.25), prune_method="random"),
     dict(merge_method="pool", merge_keep=0.5, prune_keep_ratios=(1.0, 0.5, 0.5, 0.0), prune_method="last_token"),
+    dict(merge_method="evs", merge_keep=0.25, prune=False),
+    dict(merge_method="evs", merge_keep=0.5, prune_keep_ratios=(1.0, 0.5, 0.5, 0.0)),
 ]
 
 

@@ -1,8 +1,8 @@
 """``merged_positions="contiguous"``: the positions a serving engine gives merged tokens.
 
 Reference: the unpatched model run on the prompt a serving engine builds (vLLM with aim's plugin):
-as many placeholders as merging keeps, the merged features (`aim.merge.merge_item`) in their
-place, and the model's own positions for that prompt (Qwen: its rope index for a grid of
+as many placeholders as merging keeps, the merged features (`aim.merge.merge_item`, or for an
+any-resolution image `aim.merge.merge_item_groups` over its base view and grid) in their place, and the model's own positions for that prompt (Qwen: its rope index for a grid of
 ``(frames, 1, kept per frame)`` tokens, `aim.positions.mrope_row_layout`).
 """
 
@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from aim import AIMConfig, apply_aim, is_applied, remove_aim
-from aim.counts import merged_item_tokens
-from aim.merge import merge_item
+from aim.counts import merged_anyres_tokens, merged_item_tokens
+from aim.layout import groups_without_markers
+from aim.merge import merge_item, merge_item_groups
 from aim.positions import contiguous_positions, mrope_row_layout
 from aim.tiny import build_tiny_model, make_inputs
 
-CASES = [("llava_onevision", "video"), ("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video")]
+CASES = [("llava_onevision", "video"), ("llava_onevision", "image"), ("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video")]
 MERGE_ONLY = dict(merge_keep=0.5, prune=False, merged_positions="contiguous")
 SPECIAL_IDS = list(range(8))
 
@@ -105,14 +106,33 @@ def _item_features(model, inputs, kind):
     return [(f, int(g[0]), 0) for f, g in zip(features, inputs[grid])]
 
 
+def _anyres_image_merged(model, inputs, schedule):
+    """A LLaVA-OneVision image as vLLM's plugin merges it: base view and grid as two groups, the
+    newline closing each grid row kept."""
+    out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                         batch_num_images=inputs.get("batch_num_images"))
+    features = getattr(out, "pooler_output", out)
+    features = features[0] if isinstance(features, (list, tuple)) else features
+    base = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    groups = groups_without_markers(features, model.model.image_newline, base_tokens=base)
+    merged = merge_item_groups(features, groups, schedule)
+    grid = groups[1].numel()
+    newlines = features.shape[0] - base - grid
+    assert newlines > 1 and merged.shape[0] == merged_anyres_tokens(base, grid, newlines, schedule)
+    return merged
+
+
 def serving_prompt(model, inputs, kind, schedule):
     """inputs_embeds / position_ids / attention_mask of the merged prompt (one sample)."""
     ids = inputs["input_ids"][0]
     placeholder = model.config.image_token_id if kind == "image" else model.config.video_token_id
-    (features, frames, markers), = _item_features(model, inputs, kind)
-    merged = merge_item(features, frames, schedule, markers)
-    per_frame = (features.shape[0] - markers) // frames
-    assert merged.shape[0] == merged_item_tokens(per_frame, frames, schedule, markers)
+    if kind == "image" and "image_sizes" in inputs:
+        merged, frames = _anyres_image_merged(model, inputs, schedule), 1
+    else:
+        (features, frames, markers), = _item_features(model, inputs, kind)
+        merged = merge_item(features, frames, schedule, markers)
+        per_frame = (features.shape[0] - markers) // frames
+        assert merged.shape[0] == merged_item_tokens(per_frame, frames, schedule, markers)
     where = (ids == placeholder).nonzero().flatten()
     short = torch.cat([ids[: where[0]], torch.full((merged.shape[0],), placeholder), ids[where[-1] + 1:]])[None]
     embeds = model.get_input_embeddings()(short)

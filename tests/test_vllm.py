@@ -152,6 +152,36 @@ def test_count_disagreement_is_an_error_not_a_truncation():
         check_count("video", 146, 145)
 
 
+EVS_SCRIPT = """
+import sys, torch
+from vllm.multimodal.video_prune.evs import compute_retention_mask
+embeds, grid, rate = torch.load(sys.argv[1]), [int(x) for x in sys.argv[2].split(",")], float(sys.argv[3])
+torch.save(compute_retention_mask(embeds, grid, 2, rate), sys.argv[4])
+"""
+
+
+@needs_vllm
+@pytest.mark.parametrize("rate", [0.5, 0.75, 0.9])
+def test_evs_baseline_keeps_the_tokens_vllms_evs_keeps(tmp_path, rate):
+    """aim's EVS (`aim.baselines.evs_retention`, used to compare with aim's merging on models vLLM's
+    EVS does not serve) keeps exactly the tokens vLLM's own function keeps, repeated frames included."""
+    import subprocess
+
+    from aim.baselines import evs_retention
+    from aim.integrations.vllm.harness import vllm_env
+
+    frames, rows, cols, dim = 6, 4, 6, 32
+    embeds = torch.randn(frames, rows * cols, dim, generator=torch.Generator().manual_seed(0))
+    embeds[2] = embeds[1]  # a still frame: ties everywhere
+    embeds[4, :5] = embeds[3, :5]
+    torch.save(embeds.reshape(-1, dim), tmp_path / "embeds.pt")
+    done = subprocess.run([VLLM_PYTHON, "-c", EVS_SCRIPT, str(tmp_path / "embeds.pt"), f"{frames},{rows * 2},{cols * 2}",
+                           str(rate), str(tmp_path / "mask.pt")], env=vllm_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = torch.load(tmp_path / "mask.pt")
+    assert torch.equal(evs_retention(embeds, 1.0 - rate).flatten(), theirs)
+
+
 # --- the plugin's Qwen classes, on tiny random-weight models saved with a processor --------------
 
 QWEN_CASES = [("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video")]

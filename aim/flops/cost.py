@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import AIMConfig, visual_tokens_kept
-from ..counts import group_size_after_merge, temporal_frame_sizes
+from ..counts import evs_kept_tokens, group_size_after_merge, temporal_frame_sizes
 from .inputs import InputSpec
 from .model_spec import ModelSpec, load_model
 
@@ -146,7 +146,13 @@ def visual_tokens_per_layer(spec: ModelSpec, inputs: InputSpec, config: AIMConfi
             merged.extend(temporal_frame_sizes(groups[start : start + count], config.temporal_keep))
             start += count
         groups = tuple(merged) + groups[start:]
-    if config.merge_schedule:
+    if config.merge_schedule and config.merge_method == "evs":  # per video; images stay as they are
+        start, pruned = 0, []
+        for count in inputs.videos:
+            pruned.append(evs_kept_tokens(groups[start], count, config.merge_schedule[-1]))
+            start += count
+        groups = tuple(pruned) + groups[start:]
+    elif config.merge_schedule:
         groups = tuple(group_size_after_merge(g, config.merge_schedule, config.merge_method) for g in groups)
     visual_in_llm = sum(groups) + inputs.marker_tokens
     return visual_in_llm, [visual_tokens_kept(visual_in_llm, r) for r in ratios]

@@ -17,9 +17,9 @@ SUPPORT = Path(__file__).resolve().parents[3] / "tests" / "vllm_support"
 
 
 def study_requests(workdir: Path, clips: Sequence, processor, one_word: int) -> list[dict]:
-    """Requests for `clips` (study examples with videos): their first question's chat prompt with one
-    video placeholder; the first `one_word` answer with one of the answer words (as the study
-    scores), the rest generate freely."""
+    """Requests for `clips` (study examples, videos or images): their first question's chat prompt
+    with one video / image placeholder; the first `one_word` answer with one of the answer words
+    (as the study scores), the rest generate freely."""
     from ...study import model as study
     from ...study.evaluate import known_answer_words
 
@@ -27,12 +27,10 @@ def study_requests(workdir: Path, clips: Sequence, processor, one_word: int) -> 
     word_ids = study.answer_token_ids(processor, known_answer_words(processor))
     requests = []
     for i, clip in enumerate(clips):
-        if not clip.is_video:
-            raise ValueError("the vLLM plugin merges LLaVA-OneVision videos; give video clips")
         path = workdir / f"clip{i}.npy"
         np.save(path, clip.pixels)
-        ids = tokenizer(study.prompt_text(clip.qa[0].question, True), add_special_tokens=False)["input_ids"]
-        request = {"prompt_token_ids": ids, "video": str(path)}
+        ids = tokenizer(study.prompt_text(clip.qa[0].question, clip.is_video), add_special_tokens=False)["input_ids"]
+        request = {"prompt_token_ids": ids, "video" if clip.is_video else "image": str(path)}
         if i < one_word:
             request.update(max_tokens=1, allowed_token_ids=word_ids)
         requests.append(request)
