@@ -66,7 +66,8 @@ def _video_positions(groups, video, method: str) -> torch.Tensor:
 
 def _prune_video_evs(tokens, sample, groups, video, kept_fraction: float, keep) -> None:
     positions = _video_positions(groups, video, "EVS")
-    stays = evs_retention(tokens.hidden[sample, positions], kept_fraction)
+    # scored on the features with the carried ones appended, as vLLM scores Qwen3-VL's (DeepStack included)
+    stays = evs_retention(_values(tokens, sample, positions), kept_fraction)
     keep[sample, positions[~stays]] = False
     for row, index in enumerate(video):
         groups[index] = positions[row][stays[row]]

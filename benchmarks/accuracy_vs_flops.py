@@ -18,6 +18,8 @@ cuts its visual tokens to a FLOPs budget. Every method runs through the same eng
     temporal+AIM, merge pruned  all three
     random drop      random visual tokens per frame dropped before the LLM
     uniform pool     each frame's token grid average-pooled to a smaller rows x cols grid
+    EVS              vLLM's video pruning (``--video-pruning-rate``): per video, the tokens least
+                     like the same place of the previous frame stay (the first frame whole)
     FastV            one pruning step after layer K, ranked by attention from the last token
                      (K=2 of LLaVA's 32 layers in FastV; here the nearest relative depth, at least 1)
 
@@ -112,6 +114,7 @@ def methods(num_layers: int) -> list[Method]:
         ),
         Method("random drop", lambda m: AIMConfig(merge_keep=m, merge_method="random", prune=False), 1 / 64, 1.0, "lower"),
         Method("uniform pool", lambda m: AIMConfig(merge_keep=m, merge_method="pool", prune=False), 1 / 64, 1.0, "lower"),
+        Method("EVS", lambda m: AIMConfig(merge_keep=m, merge_method="evs", prune=False), 1 / 64, 1.0, "lower"),
         Method(
             "FastV",
             lambda r: AIMConfig(

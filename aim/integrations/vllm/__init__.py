@@ -9,7 +9,8 @@ merging, `aim.merge`) when the deployment asks for it, and behave exactly as vLL
     LLM(MODEL, hf_overrides={"aim_merge_keep": 0.25})
 
 vLLM writes the placeholder tokens when it processes the prompt, before the encoder runs, so the
-merged count is computed there from the token count alone (`aim.counts.merged_item_tokens`); the
+merged count is computed there from the token count alone (`aim.counts.merged_item_tokens`,
+`merged_anyres_tokens` for LLaVA-OneVision's any-resolution images); the
 encoder then returns exactly that many merged embeddings (checked), and Qwen's 3-D M-RoPE
 positions are those of ``merged_positions="contiguous"`` in the transformers path
 (`aim.positions`): vLLM fixes positions before encoding, so a merged token cannot keep its

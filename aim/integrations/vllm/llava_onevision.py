@@ -32,23 +32,35 @@ from .settings import check_count, merge_schedule
 NEWLINES = 1  # the image_newline closing each video
 
 
+def image_parts(config, height: int, width: int) -> tuple[int, int, int]:
+    """(base view, high-resolution grid, newline) tokens vLLM 0.32 gives an image of `height` x
+    `width` pixels, by its own formulas (LLaVA-NeXT's crop grid, LLaVA-OneVision's unpadding and
+    ``anyres_max_9`` shrinking, whose method reads no instance state); the processing info counts
+    placeholders and the model checks the encoder's layout with it."""
+    vision = config.vision_config
+    patches = vision.image_size // vision.patch_size
+    rows, cols = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, vision.image_size)
+    grid, newlines = LlavaOnevisionProcessingInfo._get_num_unpadded_features(
+        None, original_height=height, original_width=width, npatches=patches, num_patch_height=rows, num_patch_width=cols,
+    )
+    return patches**2, grid, newlines
+
+
+def _layout_error(what: str) -> RuntimeError:
+    return RuntimeError(f"aim's vLLM plugin: {what}; vLLM's LLaVA-OneVision image layout is not the one the plugin "
+                        "was written for (vLLM 0.32)")
+
+
 class AimLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         total = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         schedule = merge_schedule(self.get_hf_config())
         if not schedule:
             return total
-        config, encoder = self.get_hf_config(), self.get_vision_encoder_info()
-        rows, cols = get_anyres_image_grid_shape(
-            (image_height, image_width), config.image_grid_pinpoints, encoder.get_image_size(),
-        )
-        grid, newlines = self._get_num_unpadded_features(
-            original_height=image_height, original_width=image_width, npatches=encoder.get_patch_grid_length(),
-            num_patch_height=rows, num_patch_width=cols,
-        )
-        base = total - grid - newlines
-        check_count("image", base, encoder.get_patch_grid_length() ** 2)  # the plugin's reading of vLLM's count
-        return merged_anyres_tokens(base, grid, newlines, schedule)
+        parts = image_parts(self.get_hf_config(), image_height, image_width)
+        if sum(parts) != total:
+            raise _layout_error(f"an image of {image_width}x{image_height} has {total} tokens, not {parts} (base, grid, newlines)")
+        return merged_anyres_tokens(*parts, schedule)
 
     def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
         schedule = merge_schedule(self.get_hf_config())
@@ -59,7 +71,7 @@ class AimLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
 
 
 class AimLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
-    pass  # the placeholders come from the processing info's video token count
+    pass  # the placeholders come from the processing info's image / video token counts
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -67,20 +79,24 @@ class AimLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
 class AimLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
-    """vLLM's LLaVA-OneVision with aim's merging of videos (on when the config sets ``aim_merge_keep``)."""
+    """vLLM's LLaVA-OneVision with aim's merging of images and videos (on when the config sets ``aim_merge_keep``)."""
 
     def _process_image_input(self, image_input):
         images = super()._process_image_input(image_input)
         schedule = merge_schedule(self.config)
         if not schedule or isinstance(image_input, LlavaOnevisionImageEmbeddingInputs):
             return images
-        base = (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
+        sizes = image_input.get("image_sizes")
         merged = []
-        for image in images:
+        for i, image in enumerate(images):
+            # the image size the processing info counted the placeholders for (vLLM's default: the tile size)
+            height, width = sizes[i].tolist() if sizes is not None else (self.config.vision_config.image_size,) * 2
+            base, grid, newlines = image_parts(self.config, height, width)
             groups = groups_without_markers(image, self.image_newline, base_tokens=base)
-            grid = groups[1].numel() if len(groups) > 1 else 0
-            newlines = image.shape[0] - base - grid
-            _check_rows(image.shape[0] - base, newlines, groups[1] - base if grid else None)
+            found = (image.shape[0], groups[1].numel() if len(groups) > 1 else 0)
+            if found != (base + grid + newlines, grid):
+                raise _layout_error(f"the encoder returned {found[0]} features with a grid of {found[1]} for a "
+                                    f"{width}x{height} image; expected {base} + {grid} + {newlines} newlines")
             out = merge_item_groups(image, groups, schedule)
             check_count("image", out.shape[0], merged_anyres_tokens(base, grid, newlines, schedule))
             merged.append(out)
@@ -104,16 +120,3 @@ class AimLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGene
             merged.append(out)
         return merged
 
-
-def _check_rows(length: int, newlines: int, grid_positions) -> None:
-    """The grid part of an image as vLLM lays it out: rows of equal length, each closed by one
-    newline (so the newline count equals the processing info's, and so does the merged count)."""
-    row = length // newlines if newlines else 0
-    ok = newlines > 0 and length % newlines == 0
-    if ok and grid_positions is not None:
-        ok = bool(((grid_positions % row) != row - 1).all()) and grid_positions.numel() == length - newlines
-    if not ok:
-        raise RuntimeError(
-            f"aim's vLLM plugin expected an image's high-resolution grid as rows closed by newline tokens, got "
-            f"{length} features with {newlines} newlines; vLLM's LLaVA-OneVision layout changed"
-        )

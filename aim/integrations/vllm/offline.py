@@ -45,14 +45,18 @@ def _vllm_name(key: str) -> str:
 
 
 def run(model: str, requests: list[dict], merge_keep: float | None, max_tokens: int, allowed_token_ids=None,
-        max_model_len: int = 2048, repeats: int = 1) -> dict:
+        max_model_len: int = 2048, repeats: int = 1, video_pruning_rate: float | None = None) -> dict:
+    """Serve `requests` (module docstring); `video_pruning_rate`: vLLM's own EVS pruning of videos
+    (``--video-pruning-rate``, for the models that support it, e.g. Qwen2.5-VL)."""
     import numpy as np
     from vllm import LLM, SamplingParams
 
     overrides = {"aim_merge_keep": merge_keep} if merge_keep is not None else {}
+    pruning = {"video_pruning_rate": video_pruning_rate} if video_pruning_rate else {}
     start = time.perf_counter()
     llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enforce_eager=True, seed=0,
-              hf_overrides=overrides, distributed_executor_backend="uni", limit_mm_per_prompt={"image": 1, "video": 1})
+              hf_overrides=overrides, distributed_executor_backend="uni", limit_mm_per_prompt={"image": 1, "video": 1},
+              **pruning)
     started = time.perf_counter() - start
     prompts = []
     for request in requests:
@@ -102,11 +106,13 @@ def main(argv=None) -> int:
     parser.add_argument("--merge-keep", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="serve the batch this many times, report the fastest")
+    parser.add_argument("--video-pruning-rate", type=float, default=None, help="vLLM's own EVS pruning of videos")
     parser.add_argument("--allowed-token-ids", default=None, help="comma-separated ids the answer may use")
     args = parser.parse_args(argv)
     requests = json.loads(Path(args.requests).read_text())
     allowed = [int(x) for x in args.allowed_token_ids.split(",")] if args.allowed_token_ids else None
-    result = run(args.model, requests, args.merge_keep, args.max_tokens, allowed, repeats=args.repeats)
+    result = run(args.model, requests, args.merge_keep, args.max_tokens, allowed, repeats=args.repeats,
+                 video_pruning_rate=args.video_pruning_rate)
     Path(args.out).write_text(json.dumps(result))
     return 0
 
