@@ -166,6 +166,34 @@ def test_contiguous_merging_equals_the_unpatched_model_on_the_merged_prompt(fami
     assert not torch.allclose(destination[0, -tail:], reference[0, -tail:], rtol=1e-4, atol=1e-4)
 
 
+def test_contiguous_merging_of_a_large_anyres_image_whose_grid_is_shrunk():
+    """A LLaVA-OneVision image so large that its grid is shrunk (``anyres_max_9``: 4 x 4 crops are
+    interpolated down to ~9 crops' worth of rows and columns) still merges as the serving engine
+    merges it: base view and grid as two groups, the newlines of the shrunk rows kept."""
+    model = tiny("llava_onevision")
+    size = model.config.vision_config.image_size
+    pinpoints = model.config.image_grid_pinpoints
+    model.config.image_grid_pinpoints = [[4 * size, 4 * size]]
+    try:
+        inputs = make_inputs(model, kind="image", batch_size=1, text_lengths=(9,), image_sizes=[(4 * size, 4 * size)])
+        config = AIMConfig(**MERGE_ONLY)
+        with torch.no_grad():
+            prompt, short_length = serving_prompt(model, inputs, "image", config.merge_schedule)
+            reference = model(**prompt).logits
+            apply_aim(model, config)
+            patched = model(**inputs).logits
+        patches = size // model.config.vision_config.patch_size
+        # shrunk: fewer grid rows than the 4 crops' 4 * patches
+        visual = int((inputs["input_ids"] == model.config.image_token_index).sum())
+        assert visual < patches**2 + (4 * patches) ** 2 + 4 * patches
+        assert short_length < inputs["input_ids"].shape[1]
+        torch.testing.assert_close(patched[0, -5:], reference[0, -5:], rtol=1e-4, atol=1e-4)
+    finally:
+        model.config.image_grid_pinpoints = pinpoints
+        if is_applied(model):
+            remove_aim(model)
+
+
 @pytest.mark.parametrize("family, kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_contiguous_generate_with_cache_equals_recomputation(family, kind):
     model = tiny(family)
