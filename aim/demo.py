@@ -19,7 +19,7 @@ from . import AIMConfig, apply_aim, last_stats
 from .budget.profile import PROFILE_FILE
 from .compat import output_cache
 from .study import data
-from .study.evaluate import evaluate
+from .study.evaluate import evaluate, standard_error
 from .flops import prefill_flops
 from .study.model import DEFAULT_MODEL_DIR, load_default_model, model_inputs, to_inputs
 
@@ -236,6 +236,11 @@ def report(model, frames, questions, repeats, attn, config: AIMConfig, results: 
             f"With {name} of the FLOPs, aim chose '{r['budget_point']}': {r['flops'] / baseline['flops']:.0%} of the FLOPs, "
             f"accuracy {r['accuracy']:.1%} ({delta * 100:+.1f} points against the unchanged model)."
         )
+    lines.append(
+        f"The accuracy row counts {questions} questions: one standard error is about "
+        f"{100 * standard_error(baseline['accuracy'], questions):.1f} points, and differences up to about twice that are likely noise "
+        "(benchmarks/budget_accuracy.py measures the budgets on 400 questions by default)."
+    )
     return "\n".join(lines)
 
 

@@ -50,7 +50,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ from aim import flops as F  # noqa: E402
 from aim.config import default_prune_start_end  # noqa: E402
 from aim.optional import MissingDependency, require  # noqa: E402
 from aim.study import data  # noqa: E402
-from aim.study.evaluate import evaluate  # noqa: E402
+from aim.study.evaluate import evaluate, standard_error  # noqa: E402
 from aim.study.model import load_default_model, to_inputs  # noqa: E402
 
 logger = logging.getLogger("accuracy_vs_flops")
@@ -206,10 +205,6 @@ def run(model, processor, examples, config: AIMConfig | None, batch_size: int, *
 
 def fewer_frames(examples, step: int):
     return [dataclasses.replace(e, pixels=e.pixels[::step]) for e in examples]
-
-
-def standard_error(accuracy: float, n: int) -> float:
-    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)
 
 
 def main(argv: list[str] | None = None) -> int:

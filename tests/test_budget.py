@@ -8,7 +8,7 @@ import torch
 
 from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim import flops as F
-from aim.budget import Budget, Candidate, LatencyModel, LoadTracker, Point, Profile, Selector, calibrate, model_fingerprint, pareto_frontier
+from aim.budget import Budget, Candidate, LatencyModel, LoadTracker, Point, Profile, Selector, calibrate, model_fingerprint, monotone_fidelity, pareto_frontier
 from aim.budget.select import input_spec
 from aim.tiny import build_tiny_model, make_inputs
 
@@ -28,16 +28,42 @@ def _point(name, agreement, kl, fraction, config=None):
 
 
 def test_frontier_keeps_exactly_the_undominated_points():
+    def point(name, agreement, kl, fraction, family):  # the seed is part of a setting: one family each
+        return _point(name, agreement, kl, fraction, AIMConfig(merge_keep=max(fraction, 0.01), prune=False, seed=family))
+
     points = [
-        _point("a", 1.0, 0.0, 1.0), _point("b", 0.9, 0.1, 0.5), _point("c", 0.8, 0.2, 0.6),  # c: dominated by b
-        _point("d", 0.9, 0.05, 0.5),  # same cost as b, more faithful: replaces it
-        _point("e", 0.5, 0.9, 0.1), _point("f", 0.4, 1.0, 0.2),  # f: dominated by e
+        point("a", 1.0, 0.0, 1.0, 0), point("b", 0.9, 0.1, 0.5, 1), point("c", 0.8, 0.2, 0.6, 2),  # c: dominated by b
+        point("d", 0.9, 0.05, 0.5, 3),  # same cost as b, more faithful: replaces it
+        point("e", 0.5, 0.9, 0.1, 4), point("f", 0.4, 1.0, 0.2, 5),  # f: dominated by e
     ]
+    assert monotone_fidelity(points) == {p.name: p.fidelity for p in points}  # families of one: as measured
     assert [p.name for p in pareto_frontier(points)] == ["e", "d", "a"]
     # brute force: on the frontier iff no other point is at most as dear and more faithful
     undominated = [p.name for p in points
                    if not any(q.flops_fraction <= p.flops_fraction and q.fidelity > p.fidelity for q in points)]
     assert sorted(undominated) == ["a", "d", "e"]
+
+
+def test_fidelity_is_monotone_in_the_keep_fraction_within_a_family_and_budgets_spend_ties():
+    """Neighbouring keep fractions of one setting measured out of order (calibration noise) are
+    pooled, so a budget that affords the dearer one runs it; another family is left as measured."""
+    def merge(keep, agreement, kl, cost=None, **family):
+        return _point(f"merge {keep}{family}", agreement, kl, cost or keep, AIMConfig(merge_keep=keep, prune=False, **family))
+
+    family = [merge(0.1, 0.70, 0.30), merge(0.25, 0.85, 0.08), merge(0.5, 0.80, 0.12), merge(0.8, 0.95, 0.02)]
+    other = [merge(0.5, 0.90, 0.05, 0.6, temporal_keep=0.5), merge(0.25, 0.60, 0.20, 0.3, temporal_keep=0.5)]
+    fidelity = monotone_fidelity(family + other)
+    assert [v for p in family for v in fidelity[p.name]] == pytest.approx([0.70, -0.30, 0.825, -0.10, 0.825, -0.10, 0.95, -0.02])
+    assert [fidelity[p.name] for p in other] == [(0.90, -0.05), (0.60, -0.20)]  # already monotone
+    for members in (family, other):  # pooling keeps each family's mean
+        assert sum(fidelity[p.name][0] for p in members) == pytest.approx(sum(p.agreement for p in members))
+    frontier = [p.name for p in pareto_frontier(family + other)]
+    assert frontier == [family[0].name, family[1].name, family[2].name, other[0].name, family[3].name]
+    profile = Profile({}, "test", family, LatencyModel(constant=1e-3))
+    selector = Selector(profile, F.load_model(build_tiny_model("llava_onevision", num_layers=4, seed=0).config))
+    spec = input_spec(20, [16] * 4, 1, [4])
+    fraction = selector.predict(family[2], spec)[0]
+    assert selector.choose(Budget(flops=fraction + 1e-6), [spec]).point == family[2].name  # the dearer of the tie
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +135,9 @@ def test_budgets_choose_per_input_and_per_call_overrides_the_model(profile, tiny
             model(**inputs[0], aim_budget=1.0)
             loose = last_stats(model).budget
             assert loose["predicted_flops_fraction"] >= chosen["predicted_flops_fraction"]
-            fits = [p for p in profile.frontier if p.flops_fraction <= 1.0]
-            assert loose["point"] == max(fits, key=lambda p: p.fidelity).name
+            fidelity = monotone_fidelity(profile.points)
+            most = max(fidelity[p.name] for p in profile.frontier)
+            assert loose["point"] == [p.name for p in profile.frontier if fidelity[p.name] == most][-1]
             out = model.generate(**inputs[0], aim_budget=0.6, max_new_tokens=2, do_sample=False)
             assert out.shape[1] == inputs[0]["input_ids"].shape[1] + 2
             assert last_stats(model).budget["point"] == chosen["point"]

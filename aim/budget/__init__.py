@@ -17,7 +17,7 @@ import importlib
 _EXPORTS = {
     "calibrate": "calibration",
     "PROFILE_FILE": "profile", "LatencyModel": "profile", "Point": "profile", "Profile": "profile",
-    "model_fingerprint": "profile", "pareto_frontier": "profile",
+    "model_fingerprint": "profile", "monotone_fidelity": "profile", "pareto_frontier": "profile",
     "Budget": "select", "Choice": "select", "LoadTracker": "select", "Selector": "select",
     "Candidate": "space", "config_space": "space",
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .profile import PROFILE_FILE, Profile
+from .profile import PROFILE_FILE, Profile, monotone_fidelity
 
 
 def add_calibrate_parser(commands) -> argparse.ArgumentParser:
@@ -76,10 +76,17 @@ def format_profile(profile: Profile) -> str:
     lines = [f"Profile of {profile.model['model_type']} ({profile.model['num_layers']} layers) on {profile.device}, "
              f"from {profile.inputs}: {len(profile.points)} settings, {len(profile.frontier)} on the frontier",
              "",
-             f"{'frontier setting':<44} {'FLOPs':>7} {'agreement':>10} {'KL (nats)':>10} {'prefill ms':>11} {'time scale':>11}"]
+             "agreement and KL as the frontier ranks them: made monotone in the merge keep fraction within each "
+             "setting (measured values in brackets where they differ)",
+             "",
+             f"{'frontier setting':<44} {'FLOPs':>7} {'agreement':>17} {'KL (nats)':>19} {'prefill ms':>11} {'time scale':>11}"]
+    fidelity = monotone_fidelity(profile.points)
     for point in profile.frontier:
-        lines.append(f"{point.name:<44} {point.flops_fraction:>7.1%} {point.agreement:>10.1%} {point.kl:>10.4f} "
-                     f"{point.seconds * 1000:>11.1f} {point.latency_scale:>11.2f}")
+        agreement, kl = fidelity[point.name][0], -fidelity[point.name][1]
+        measured_agreement = f"({point.agreement:.1%})" if abs(agreement - point.agreement) > 5e-4 else ""
+        measured_kl = f"({point.kl:.4f})" if abs(kl - point.kl) > 5e-5 else ""
+        lines.append(f"{point.name:<44} {point.flops_fraction:>7.1%} {agreement:>8.1%} {measured_agreement:>8} "
+                     f"{kl:>9.4f} {measured_kl:>9} {point.seconds * 1000:>11.1f} {point.latency_scale:>11.2f}")
     lat = profile.latency
     lines.append(f"\nLatency model: {lat.constant * 1e3:.2f} ms + {lat.per_visual_token * 1e6:.2f} us x visual tokens "
                  f"+ sum over layers ({lat.per_token * 1e6:.3f} us x n + {lat.per_token_squared * 1e9:.4f} ns x n^2), "

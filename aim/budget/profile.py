@@ -20,8 +20,10 @@ from typing import Any, Sequence
 
 from ..config import AIMConfig
 
-PROFILE_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 had no per-point latency scale (read as 1.0)
+PROFILE_VERSION = 3
+# version 1 had no per-point latency scale (read as 1.0); versions before 3 stored a frontier by raw
+# fidelity, recomputed on reading (see `monotone_fidelity`)
+READABLE_VERSIONS = (1, 2, 3)
 PROFILE_FILE = "aim_profile.json"  # the name aim looks for in a model folder
 
 
@@ -151,20 +153,66 @@ class Profile:
         if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"{path} is an AIM profile of version {data.get('version')}, this aim reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}; run `aim calibrate` again")
+        if data["version"] < 3:
+            data.pop("frontier_names", None)
         data["version"] = PROFILE_VERSION
         data["points"] = [Point(**p) for p in data["points"]]
         data["latency"] = LatencyModel(**data["latency"])
         return cls(**data)
 
 
+def _family_and_keep(point: Point) -> tuple[str, float]:
+    """The setting a point belongs to apart from its merge keep fraction, and that fraction."""
+    config = {k: v for k, v in point.config.items() if k not in ("merge_keep", "merge_schedule")}
+    schedule = point.config.get("merge_schedule") or ()
+    keep = point.config.get("merge_keep") or (schedule[-1] if schedule else 1.0)
+    return json.dumps(config, sort_keys=True, default=str), float(keep)
+
+
+def _increasing(values: list[float]) -> list[float]:
+    """Pool adjacent violators: the non-decreasing sequence closest to `values` (least squares)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for value in values:
+        blocks.append([value, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
+
+
+def monotone_fidelity(points: Sequence[Point]) -> dict[str, tuple[float, float]]:
+    """Each point's fidelity made monotone in its merge keep fraction within its family (the
+    points that differ only in that fraction): keeping more tokens of the same setting does not
+    lose fidelity in expectation, while a calibration of a few dozen inputs resolves agreement only
+    to one input (~1-2%) and ranks neighbouring keep fractions by noise. Agreement is made
+    non-decreasing and KL non-increasing in the keep fraction by pooling adjacent violators; a
+    family of one point keeps its measured values."""
+    families: dict[str, list[tuple[float, Point]]] = {}
+    for point in points:
+        family, keep = _family_and_keep(point)
+        families.setdefault(family, []).append((keep, point))
+    fidelity: dict[str, tuple[float, float]] = {}
+    for members in families.values():
+        members.sort(key=lambda m: m[0])
+        agreement = _increasing([p.agreement for _, p in members])
+        negative_kl = _increasing([-p.kl for _, p in members])
+        for (_, point), a, k in zip(members, agreement, negative_kl):
+            fidelity[point.name] = (a, k)
+    return fidelity
+
+
 def pareto_frontier(points: Sequence[Point]) -> list[Point]:
-    """Points no other point beats on both cost (FLOPs fraction) and fidelity, cheapest first:
-    walking from the cheapest up, a point joins when it is strictly more faithful than every
-    cheaper point."""
-    ordered = sorted(points, key=lambda p: (p.flops_fraction, tuple(-v for v in p.fidelity)))
+    """Points no other point beats on both cost (FLOPs fraction) and fidelity (`monotone_fidelity`),
+    cheapest first: walking from the cheapest up, a point joins when it is at least as faithful as
+    every cheaper point. Ties join so that a budget spends what it allows: a dearer setting of the
+    same family is never expected to be less faithful, and the selector runs the dearest frontier
+    point that fits."""
+    fidelity = monotone_fidelity(points)
+    ordered = sorted(points, key=lambda p: (p.flops_fraction, tuple(-v for v in fidelity[p.name])))
     frontier: list[Point] = []
     for point in ordered:
-        if not frontier or point.fidelity > frontier[-1].fidelity:
+        if not frontier or fidelity[point.name] >= fidelity[frontier[-1].name]:
             if frontier and point.flops_fraction == frontier[-1].flops_fraction:
                 frontier[-1] = point
             else:

@@ -143,7 +143,7 @@ class Selector:
             cost = fraction if budget.flops is not None else seconds * 1000.0
             if cheapest is None or cost < cheapest[0]:
                 cheapest = (cost, point, fraction, seconds)
-            if cost <= limit + 1e-12 and (best is None or point.fidelity > best[0].fidelity):
+            if cost <= limit + 1e-12:  # the frontier is ordered by fidelity: the last that fits is the most faithful
                 best = (point, fraction, seconds)
         if best is None and budget.ms is not None and self.load.observations == 0:
             # no prefill measured on this machine yet: the prediction comes from the calibrating

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -90,6 +91,11 @@ def evaluate(model, processor, examples: Sequence[data.Example], batch_size: int
         for kind in data.KINDS if kind in counts
     }
     return {"accuracy": sum(hits.values()) / len(examples), "n": len(examples), "per_kind": per_kind}
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """One standard error of an accuracy measured on `n` independent questions (binomial)."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)
 
 
 def trained_recipe(model_dir=None) -> str:
