@@ -238,8 +238,8 @@ def report(model, frames, questions, repeats, attn, config: AIMConfig, results: 
         )
     lines.append(
         f"The accuracy row counts {questions} questions: one standard error is about "
-        f"{100 * standard_error(baseline['accuracy'], questions):.1f} points, and differences up to about twice that are likely noise "
-        "(benchmarks/budget_accuracy.py measures the budgets on 400 questions by default)."
+        f"{100 * standard_error(baseline['accuracy'], questions):.1f} points, so differences of up to about twice that between columns can be noise "
+        "(benchmarks/accuracy_vs_flops.py and benchmarks/budget_accuracy.py measure on hundreds of questions)."
     )
     return "\n".join(lines)
 

@@ -59,11 +59,31 @@ def test_fidelity_is_monotone_in_the_keep_fraction_within_a_family_and_budgets_s
         assert sum(fidelity[p.name][0] for p in members) == pytest.approx(sum(p.agreement for p in members))
     frontier = [p.name for p in pareto_frontier(family + other)]
     assert frontier == [family[0].name, family[1].name, family[2].name, other[0].name, family[3].name]
+    # brute force on the pooled fidelity: on the frontier iff nothing at most as dear is strictly more faithful
+    assert sorted(frontier) == sorted(p.name for p in family + other if not any(
+        q.flops_fraction <= p.flops_fraction and fidelity[q.name] > fidelity[p.name] for q in family + other))
     profile = Profile({}, "test", family, LatencyModel(constant=1e-3))
     selector = Selector(profile, F.load_model(build_tiny_model("llava_onevision", num_layers=4, seed=0).config))
     spec = input_spec(20, [16] * 4, 1, [4])
     fraction = selector.predict(family[2], spec)[0]
     assert selector.choose(Budget(flops=fraction + 1e-6), [spec]).point == family[2].name  # the dearer of the tie
+
+
+def test_families_are_the_settings_apart_from_the_merge_keep_fraction():
+    """Temporal merging alone (keep 1.0) pools with temporal + merging; the unchanged model and the
+    pooling baseline are families of their own."""
+    points = [
+        _point("temporal 0.5", 0.70, 0.4, 0.5, AIMConfig(temporal_keep=0.5, merge_schedule=(), prune=False)),
+        _point("temporal 0.5, merge 0.5", 0.80, 0.3, 0.25, AIMConfig(temporal_keep=0.5, merge_keep=0.5, prune=False)),
+        _point("off", 1.0, 0.0, 1.0, AIMConfig(enabled=False)),
+        _point("merge 0.25 (pool)", 0.90, 0.1, 0.21, AIMConfig(merge_keep=0.25, merge_method="pool", prune=False)),
+        _point("merge 0.25", 0.60, 0.2, 0.21, AIMConfig(merge_keep=0.25, prune=False)),
+        _point("merge 0.5", 0.50, 0.3, 0.44, AIMConfig(merge_keep=0.5, prune=False)),
+    ]
+    fidelity = monotone_fidelity(points)
+    assert fidelity["temporal 0.5"] == fidelity["temporal 0.5, merge 0.5"] == pytest.approx((0.75, -0.35))
+    assert fidelity["merge 0.25"] == fidelity["merge 0.5"] == pytest.approx((0.55, -0.25))
+    assert fidelity["off"] == (1.0, 0.0) and fidelity["merge 0.25 (pool)"] == (0.90, -0.1)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +291,14 @@ def test_profile_round_trip_and_other_model(profile, tiny_video, tmp_path):
         del point["latency_scale"]
     (tmp_path / "v1.json").write_text(json.dumps(old))
     assert all(p.latency_scale == 1.0 for p in Profile.load(tmp_path / "v1.json").points)
+    # a frontier stored by an older version (raw fidelity) is recomputed; this version's is kept
+    stale = json.loads(path.read_text())
+    stale["frontier_names"] = [stale["points"][0]["name"]]
+    assert [p.name for p in pareto_frontier(profile.points)] != stale["frontier_names"]
+    for version, expected in ((2, [p.name for p in pareto_frontier(profile.points)]), (3, stale["frontier_names"])):
+        stale["version"] = version
+        (tmp_path / "stale.json").write_text(json.dumps(stale))
+        assert Profile.load(tmp_path / "stale.json").frontier_names == expected
     old["version"] = 99
     (tmp_path / "v99.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="version 99"):

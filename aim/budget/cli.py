@@ -79,13 +79,13 @@ def format_profile(profile: Profile) -> str:
              "agreement and KL as the frontier ranks them: made monotone in the merge keep fraction within each "
              "setting (measured values in brackets where they differ)",
              "",
-             f"{'frontier setting':<44} {'FLOPs':>7} {'agreement':>17} {'KL (nats)':>19} {'prefill ms':>11} {'time scale':>11}"]
+             f"{'frontier setting':<46} {'FLOPs':>7} {'agreement':>17} {'KL (nats)':>19} {'prefill ms':>11} {'time scale':>11}"]
     fidelity = monotone_fidelity(profile.points)
     for point in profile.frontier:
         agreement, kl = fidelity[point.name][0], -fidelity[point.name][1]
         measured_agreement = f"({point.agreement:.1%})" if abs(agreement - point.agreement) > 5e-4 else ""
         measured_kl = f"({point.kl:.4f})" if abs(kl - point.kl) > 5e-5 else ""
-        lines.append(f"{point.name:<44} {point.flops_fraction:>7.1%} {agreement:>8.1%} {measured_agreement:>8} "
+        lines.append(f"{point.name:<46} {point.flops_fraction:>7.1%} {agreement:>8.1%} {measured_agreement:>8} "
                      f"{kl:>9.4f} {measured_kl:>9} {point.seconds * 1000:>11.1f} {point.latency_scale:>11.2f}")
     lat = profile.latency
     lines.append(f"\nLatency model: {lat.constant * 1e3:.2f} ms + {lat.per_visual_token * 1e6:.2f} us x visual tokens "

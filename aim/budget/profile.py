@@ -124,7 +124,7 @@ class Profile:
 
     @property
     def frontier(self) -> list[Point]:
-        """The undominated points, cheapest first (see `pareto_frontier`)."""
+        """The points not strictly dominated (ties kept), cheapest first (see `pareto_frontier`)."""
         by_name = {p.name: p for p in self.points}
         return [by_name[n] for n in self.frontier_names]
 
@@ -194,17 +194,19 @@ def monotone_fidelity(points: Sequence[Point]) -> dict[str, tuple[float, float]]
         families.setdefault(family, []).append((keep, point))
     fidelity: dict[str, tuple[float, float]] = {}
     for members in families.values():
-        members.sort(key=lambda m: m[0])
+        members.sort(key=lambda m: (m[0], json.dumps(m[1].config.get("merge_schedule"))))  # equal keeps: a fixed order
         agreement = _increasing([p.agreement for _, p in members])
         negative_kl = _increasing([-p.kl for _, p in members])
         for (_, point), a, k in zip(members, agreement, negative_kl):
-            fidelity[point.name] = (a, k)
+            # rounded: a pooled mean and the same fraction measured elsewhere may differ in the last
+            # bit, which would decide a tie on agreement before KL is looked at
+            fidelity[point.name] = (round(a, 12), round(k, 12))
     return fidelity
 
 
 def pareto_frontier(points: Sequence[Point]) -> list[Point]:
-    """Points no other point beats on both cost (FLOPs fraction) and fidelity (`monotone_fidelity`),
-    cheapest first: walking from the cheapest up, a point joins when it is at least as faithful as
+    """Points no other point strictly beats on both cost (FLOPs fraction) and fidelity
+    (`monotone_fidelity`), cheapest first, ties kept: walking from the cheapest up, a point joins when it is at least as faithful as
     every cheaper point. Ties join so that a budget spends what it allows: a dearer setting of the
     same family is never expected to be less faithful, and the selector runs the dearest frontier
     point that fits."""

@@ -75,14 +75,10 @@ def config_space(num_layers: int, video: bool = True) -> list[Candidate]:
     return list(seen.values())
 
 
-def flops_fraction(spec: ModelSpec, inputs: InputSpec, config: AIMConfig) -> float:
-    """LLM prefill FLOPs of `config` on `inputs` as a fraction of the unchanged model's."""
-    base = estimate(spec, inputs, None, dtype="float32").prefill_flops
+def costs(spec: ModelSpec, inputs: InputSpec, config: AIMConfig) -> tuple[float, list[int]]:
+    """``(FLOPs fraction, tokens per layer)`` of `config` on `inputs` (one estimate of each model)."""
+    base = estimate(spec, inputs, None, dtype="float32")
     if not config.enabled:
-        return 1.0
-    return estimate(spec, inputs, config, dtype="float32").prefill_flops / max(base, 1)
-
-
-def tokens_per_layer(spec: ModelSpec, inputs: InputSpec, config: AIMConfig) -> list[int]:
-    """Tokens each decoder layer processes under `config` on `inputs` (engine rounding)."""
-    return estimate(spec, inputs, config if config.enabled else None, dtype="float32").tokens_per_layer
+        return 1.0, base.tokens_per_layer
+    mine = estimate(spec, inputs, config, dtype="float32")
+    return mine.prefill_flops / max(base.prefill_flops, 1), mine.tokens_per_layer
