@@ -64,6 +64,13 @@ def vllm_env(plugin: bool = True) -> dict:
     """The environment of a process in vLLM's virtualenv: the CPU build's workarounds loaded; with
     ``plugin=False`` an allow-list that names no plugin (vLLM's own model classes)."""
     env = dict(os.environ, PYTHONPATH=str(SUPPORT), AIM_VLLM_CPU_WORKAROUNDS="1")
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if cache:
+        # torch inductor writes its precompiled headers (~150 MiB per environment) under the temp dir
+        # whatever TORCHINDUCTOR_CACHE_DIR says; where a cache dir is given (CI), vLLM's temp files
+        # belong in it too, so that they go when it goes
+        Path(cache, "tmp").mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(Path(cache, "tmp"))
     if not plugin:
         env["VLLM_PLUGINS"] = ""
     return env
