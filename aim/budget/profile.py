@@ -206,8 +206,8 @@ def monotone_fidelity(points: Sequence[Point]) -> dict[str, tuple[float, float]]
 
 def pareto_frontier(points: Sequence[Point]) -> list[Point]:
     """Points no other point strictly beats on both cost (FLOPs fraction) and fidelity
-    (`monotone_fidelity`), cheapest first, ties kept: walking from the cheapest up, a point joins when it is at least as faithful as
-    every cheaper point. Ties join so that a budget spends what it allows: a dearer setting of the
+    (`monotone_fidelity`), cheapest first, ties kept: walking from the cheapest up, a point joins
+    when it is at least as faithful as every cheaper point. Ties join so that a budget spends what it allows: a dearer setting of the
     same family is never expected to be less faithful, and the selector runs the dearest frontier
     point that fits."""
     fidelity = monotone_fidelity(points)

@@ -149,9 +149,9 @@ class Selector:
         # the frontier only (fidelity against FLOPs): predicting every calibrated setting per request
         # costs more time than a latency budget can spare (254 settings on the default model)
         for point in self.profile.frontier:
-            costs = [self.predict(point, spec) for spec in inputs]
-            fraction = max(c[0] for c in costs)
-            seconds = max(c[1] for c in costs) * factor
+            per_prompt = [self.predict(point, spec) for spec in inputs]
+            fraction = max(c[0] for c in per_prompt)
+            seconds = max(c[1] for c in per_prompt) * factor
             cost = fraction if budget.flops is not None else seconds * 1000.0
             if cheapest is None or cost < cheapest[0]:
                 cheapest = (cost, point, fraction, seconds)
