@@ -186,8 +186,9 @@ def report(model, frames, questions, repeats, attn, config: AIMConfig, results: 
         f"Setting  AIM: {config.describe(layers)}",
     ]
     if budgeted:
-        lines.append("Budgets  the most faithful calibrated setting whose predicted LLM prefill FLOPs for this input fit "
-                     "the budget (profile aim/default_model/aim_profile.json, calibrated on validation clips)")
+        lines.append("Budgets  the most faithful setting (calibrated, or a merge keep fraction between two calibrated ones) "
+                     "whose predicted LLM prefill FLOPs for this input fit the budget (profile "
+                     "aim/default_model/aim_profile.json, calibrated on validation clips)")
         for name in names[2:]:
             lines.append(f"  {name}: {results[name]['budget_point']}")
     lines += [

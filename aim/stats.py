@@ -25,8 +25,10 @@ class AIMStats:
             each pruning layer's index; positions are indices into the prompt as given.
         visual_groups: only when recording: ``[sample][group]`` the prompt positions of each
             frame / crop before merging (row-major), to map positions back to frames.
-        budget: only for a budgeted call (`aim.budget`): the budget, the point that ran, its
-            predicted FLOPs fraction and seconds, the load factor and the measured seconds.
+        budget: only for a budgeted call (`aim.budget`): the budget, the point that ran (its name
+            and `AIMConfig`; a keep fraction between calibrated ones is named by it, e.g.
+            ``"merge 0.791"``), its predicted FLOPs fraction and seconds, the load factor and the
+            measured seconds.
     """
 
     input_tokens: list[int]

@@ -3,9 +3,11 @@
 On the trained study model's held-out test clips, for each budget (a fraction of the unchanged
 model's LLM prefill FLOPs):
 
-    budgeted choice    apply_aim(model, budget=b): per request, the most faithful calibrated setting
-                       whose predicted FLOPs for that input fit (profile: the shipped one, made by
-                       `aim calibrate` on validation clips, never the test split)
+    budgeted choice    apply_aim(model, budget=b): per request, the most faithful setting whose
+                       predicted FLOPs for that input fit (profile: the shipped one, made by
+                       `aim calibrate` on validation clips, never the test split), merge keep
+                       fractions between calibrated ones included (`aim.budget.curves`)
+    calibrated keeps only   the same with interpolate_keeps=False: calibrated settings only
     AIM (paper)        the paper's schedule with the merge keep fraction tuned to the budget
     merge only / random drop / uniform pool   as in benchmarks/accuracy_vs_flops.py
 
@@ -37,6 +39,7 @@ from aim.study.model import DEFAULT_MODEL_DIR, load_default_model  # noqa: E402
 
 BUDGETS = (0.75, 0.5, 0.25, 0.15, 0.10)
 FIXED = ("AIM", "merge only", "random drop", "uniform pool")
+CALIBRATED = "calibrated keeps only"  # the budgeted choice without keep fractions between calibrated ones
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for budget in tqdm(sorted(args.budgets, reverse=True), desc="budgets"):
         row = {"budget": budget,
-               "budgeted": avf.run(model, processor, examples, None, args.batch_size, budget=budget, profile=profile)}
+               "budgeted": avf.run(model, processor, examples, None, args.batch_size, budget=budget, profile=profile),
+               CALIBRATED: avf.run(model, processor, examples, None, args.batch_size, budget=budget, profile=profile,
+                                   interpolate_keeps=False)}
         for name in FIXED:
             config = avf.tune(methods[name], model, spec, budget, baseline_flops)
             row[name] = None if config is None else avf.run(model, processor, examples, config, args.batch_size)
@@ -114,7 +119,7 @@ def report(args, profile, examples, baseline, rows, chosen, accuracy, rho_agree,
     print(f"Model    {args.model or 'aim/default_model'}; profile from {profile.inputs} on {profile.device}")
     print(f"Test     {len(examples)} test-split video questions; the unchanged model: {base:.1%} "
           f"(+-{avf.standard_error(base, len(examples)):.1%} one standard error)\n")
-    names = ["budgeted"] + list(FIXED)
+    names = ["budgeted", CALIBRATED] + list(FIXED)
     header = f"{'budget':>7}" + "".join(f" | {n:>22}" for n in names)
     print("Accuracy (LLM prefill FLOPs actually used, % of the unchanged model)")
     print(header)
@@ -129,9 +134,11 @@ def report(args, profile, examples, baseline, rows, chosen, accuracy, rho_agree,
                 used = res["prefill_flops"] / baseline["prefill_flops"]
                 cells.append(f"{res['accuracy']:>12.1%} ({used:>6.1%})")
         print(f"{row['budget']:>7.0%}" + "".join(f" | {c}" for c in cells))
-    print("\nSettings the budgeted choice ran (requests):")
-    for row in rows:
-        print(f"  {row['budget']:>4.0%}: " + "; ".join(f"{k} x{v}" for k, v in row["budgeted"]["points"].items()))
+    for name in ("budgeted", CALIBRATED):
+        label = "budgeted choice" if name == "budgeted" else f"budgeted choice, {name},"
+        print(f"\nSettings the {label} ran (requests):")
+        for row in rows:
+            print(f"  {row['budget']:>4.0%}: " + "; ".join(f"{k} x{v}" for k, v in row[name]["points"].items()))
     print("\nGoal: the budgeted choice at least as accurate as the best fixed method at every budget:")
     for row in rows:
         fixed = [(row[n]["accuracy"], n) for n in FIXED if row[n] is not None]

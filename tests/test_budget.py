@@ -184,7 +184,9 @@ def test_load_correction_moves_to_cheaper_points_and_back(tiny_video):
     cheap, dear, selector = _cheap_and_dear(model, clock=lambda: now[0])
     spec = _described(model, inputs[0])
     dear_ms = selector.predict(dear, spec)[1] * 1000
-    budget = Budget(ms=dear_ms * 1.3)  # the dear point fits on a quiet machine (the band is 25%)
+    # the dear point fits on a quiet machine (the band is 25%); the median, so that the spread of
+    # times (tests/test_budget_quantile.py) does not enter
+    budget = Budget(ms=dear_ms * 1.3, quantile=0.5)
     assert 3 * selector.predict(cheap, spec)[1] * 1000 <= budget.ms  # and the cheap one at 3x load
     assert selector.choose(budget, [spec]).point == "dear"
     for _ in range(6):  # the machine is shared: prefills take 3x the prediction

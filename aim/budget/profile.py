@@ -169,6 +169,18 @@ def _family_and_keep(point: Point) -> tuple[str, float]:
     return json.dumps(config, sort_keys=True, default=str), float(keep)
 
 
+def keep_families(points: Sequence[Point]) -> list[list[tuple[float, Point]]]:
+    """The points grouped by family (the setting apart from the merge keep fraction), each family
+    as ``(keep fraction, point)`` by increasing keep; equal keeps in a fixed order."""
+    families: dict[str, list[tuple[float, Point]]] = {}
+    for point in points:
+        family, keep = _family_and_keep(point)
+        families.setdefault(family, []).append((keep, point))
+    for members in families.values():
+        members.sort(key=lambda m: (m[0], json.dumps(m[1].config.get("merge_schedule"))))
+    return list(families.values())
+
+
 def _increasing(values: list[float]) -> list[float]:
     """Pool adjacent violators: the non-decreasing sequence closest to `values` (least squares)."""
     blocks: list[list[float]] = []  # [sum, count]
@@ -188,13 +200,8 @@ def monotone_fidelity(points: Sequence[Point]) -> dict[str, tuple[float, float]]
     to one input (~1-2%) and ranks neighbouring keep fractions by noise. Agreement is made
     non-decreasing and KL non-increasing in the keep fraction by pooling adjacent violators; a
     family of one point keeps its measured values."""
-    families: dict[str, list[tuple[float, Point]]] = {}
-    for point in points:
-        family, keep = _family_and_keep(point)
-        families.setdefault(family, []).append((keep, point))
     fidelity: dict[str, tuple[float, float]] = {}
-    for members in families.values():
-        members.sort(key=lambda m: (m[0], json.dumps(m[1].config.get("merge_schedule"))))  # equal keeps: a fixed order
+    for members in keep_families(points):
         agreement = _increasing([p.agreement for _, p in members])
         negative_kl = _increasing([-p.kl for _, p in members])
         for (_, point), a, k in zip(members, agreement, negative_kl):

@@ -11,7 +11,9 @@ only when it leaves a dead band around the factor in use (hysteresis), so aim mo
 points when the machine is shared and back when the load ends, without flapping on noise. The
 first few measured ratios replace the 1.0 prior outright (their plain mean is the factor): the
 profile's latency model was fitted on the machine (and at the moment) of calibration, and the
-first calls tell how fast this one is. Until the first measurement, a latency budget below the cheapest point's prediction runs the cheapest point as a
+first calls tell how fast this one is. A latency budget holds for a quantile of prefills (default
+0.9): the prediction is raised by the log-normal quantile of the measured spread of the ratio,
+estimated from successive differences so that a change of load counts once, not as lasting noise. Until the first measurement, a latency budget below the cheapest point's prediction runs the cheapest point as a
 best effort with a warning (the prediction is not yet checked on this machine); after it, such a
 budget runs the cheapest only when the current load explains the shortfall, and is refused when
 it would not fit even on the quiet machine.
@@ -20,25 +22,34 @@ it would not fit even on the quiet machine.
 from __future__ import annotations
 
 import logging
+import math
+from statistics import NormalDist
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
 from ..config import AIMConfig
 from ..flops import InputSpec, ModelSpec
-from .profile import Point, Profile
-from .space import costs
+from ..flops.cost import estimate
+from .curves import KEEP_STEP, keep_curves
+from .profile import Point, Profile, monotone_fidelity
+from .space import costs, setting_name
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_QUANTILE = 0.9  # a latency budget holds for nine prefills in ten
 
 
 @dataclass(frozen=True)
 class Budget:
     """A request's budget: a fraction of the unchanged model's LLM prefill FLOPs, or prefill
-    milliseconds (time to first token)."""
+    milliseconds (time to first token). A latency budget holds for the `quantile` of prefills
+    (default 0.9: nine in ten within it), from the measured spread of prefill times (`LoadTracker`);
+    0.5 predicts the typical time, which half of the prefills exceed."""
 
     flops: float | None = None
     ms: float | None = None
+    quantile: float = DEFAULT_QUANTILE
 
     def __post_init__(self) -> None:
         if (self.flops is None) == (self.ms is None):
@@ -47,9 +58,14 @@ class Budget:
             raise ValueError(f"a FLOPs budget is a fraction of the unchanged model's prefill FLOPs in (0, 1], got {self.flops!r}")
         if self.ms is not None and not self.ms > 0:
             raise ValueError(f"a latency budget is a positive number of milliseconds, got {self.ms!r}")
+        if not 0.5 <= self.quantile < 1.0:
+            raise ValueError(f"a latency budget's quantile is the share of prefills it should hold for, in "
+                             f"[0.5, 1), got {self.quantile!r}")
 
     def describe(self) -> str:
-        return f"{self.flops:.0%} of the prefill FLOPs" if self.flops is not None else f"{self.ms:g} ms prefill"
+        if self.flops is not None:
+            return f"{self.flops:.0%} of the prefill FLOPs"
+        return f"{self.ms:g} ms prefill" + ("" if self.quantile == DEFAULT_QUANTILE else f" (p{100 * self.quantile:g})")
 
 
 @dataclass(frozen=True)
@@ -67,21 +83,26 @@ class Choice:
 
 
 class LoadTracker:
-    """Moving average of measured / predicted prefill seconds, with hysteresis (module docstring).
+    """Moving average of measured / predicted prefill seconds, with hysteresis, and the spread of
+    that ratio (module docstring).
 
     Args:
         alpha: weight of the newest ratio in the moving average.
-        warmup: the first `warmup` ratios set the factor to their plain mean (no prior, no band).
         band: relative dead band: the factor in use changes only when the average leaves
             ``[factor / (1 + band), factor * (1 + band)]``.
+        warmup: the first `warmup` ratios set the factor to their plain mean (no prior, no band).
+        spread_alpha: weight of the newest squared log deviation in the spread (slower than the
+            average, so a latency quantile's margin does not swing with each call).
     """
 
-    def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5) -> None:
-        self.alpha, self.band, self.warmup = alpha, band, warmup
+    def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5, spread_alpha: float = 0.1) -> None:
+        self.alpha, self.band, self.warmup, self.spread_alpha = alpha, band, warmup, spread_alpha
         self.average = 1.0
         self.factor = 1.0
         self.quietest = 1.0  # the lowest factor measured: this machine's speed when quiet
+        self.spread = 0.0  # variance of log(ratio) from successive differences: how much prefill times vary
         self.observations = 0
+        self._logs: list[float] = []  # log ratios of the warmup, then only the latest
         self._lock = threading.Lock()  # one model, many threads
 
     def observe(self, measured: float, predicted: float) -> None:
@@ -96,11 +117,27 @@ class LoadTracker:
                 previous = 0.0 if self.observations == 1 else self.average
                 self.average = self.factor = previous + (ratio - previous) / self.observations
                 self.quietest = self.factor if self.observations == 1 else min(self.quietest, self.factor)
+                logs = self._logs
+                logs.append(math.log(ratio))
+                steps = [(b - a) ** 2 / 2 for a, b in zip(logs, logs[1:])]
+                self.spread = sum(steps) / len(steps) if steps else 0.0
                 return
             self.average = (1 - self.alpha) * self.average + self.alpha * ratio
+            # successive differences (von Neumann): a change of load is one large step, not a long
+            # run of deviations from a lagging average; for independent noise E[step^2] = 2 var
+            step = math.log(ratio) - self._logs[-1]
+            self._logs[-1:] = [math.log(ratio)]
+            self.spread = (1 - self.spread_alpha) * self.spread + self.spread_alpha * step * step / 2
             if not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
                 self.factor = self.average
                 self.quietest = min(self.quietest, self.factor)
+
+    def margin(self, quantile: float) -> float:
+        """How much a prediction is raised so that `quantile` of prefills fit: the log-normal
+        quantile of the measured spread (1.0 for the median, or before the second measurement)."""
+        if quantile <= 0.5 or self.spread <= 0.0:
+            return 1.0
+        return math.exp(NormalDist().inv_cdf(quantile) * math.sqrt(self.spread))
 
 
 def input_spec(text_tokens: int, groups: list[int], markers: int, video_groups: list[int]) -> InputSpec:
@@ -114,7 +151,8 @@ class Selector:
 
     MEMO_SIZE = 4096  # remembered (point, input layout) predictions; cleared when full
 
-    def __init__(self, profile: Profile, spec: ModelSpec, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, profile: Profile, spec: ModelSpec, clock: Callable[[], float] | None = None,
+                 interpolate: bool = True) -> None:
         import time
 
         self.profile = profile
@@ -122,17 +160,30 @@ class Selector:
         self.load = LoadTracker()
         self.clock = clock or time.perf_counter
         self._predictions: dict[tuple[str, InputSpec], tuple[float, float]] = {}
+        self._unchanged: dict[InputSpec, object] = {}  # the unchanged model's cost estimate per layout
+        self._fidelity = monotone_fidelity(profile.points)
+        # keep fractions between the calibrated ones (aim.budget.curves); off: calibrated points only
+        self.curves = keep_curves(profile, spec.llm.num_layers) if interpolate else []
 
     def predict(self, point: Point, inputs: InputSpec) -> tuple[float, float]:
         """``(FLOPs fraction, seconds before load correction)`` of `point` on `inputs`.
 
         Memoised per (point, input layout): the estimate costs ~0.1 ms per point, the choice runs
         inside the timed prefill for every point of the frontier, and requests repeat layouts."""
-        key = (point.name, inputs)
+        return self._predict(point.name, point.aim_config, point.latency_scale, inputs)
+
+    def _predict(self, name: str, config: Callable[[], AIMConfig], latency_scale: float,
+                 inputs: InputSpec) -> tuple[float, float]:
+        key = (name, inputs)
         found = self._predictions.get(key)
         if found is None:
-            fraction, tokens = costs(self.spec, inputs, point.aim_config())
-            found = (fraction, self.profile.latency.predict(tokens, inputs.visual_tokens) * point.latency_scale)
+            base = self._unchanged.get(inputs)
+            if base is None:
+                if len(self._unchanged) >= self.MEMO_SIZE:
+                    self._unchanged.clear()
+                base = self._unchanged[inputs] = estimate(self.spec, inputs, None, dtype="float32")
+            fraction, tokens = costs(self.spec, inputs, config(), base)
+            found = (fraction, self.profile.latency.predict(tokens, inputs.visual_tokens) * latency_scale)
             if len(self._predictions) >= self.MEMO_SIZE:
                 self._predictions.clear()
             self._predictions[key] = found
@@ -140,29 +191,40 @@ class Selector:
 
     def choose(self, budget: Budget, inputs: list[InputSpec]) -> Choice:
         """The most faithful frontier point (the dearest among equally faithful ones) whose
-        predicted cost fits `budget` on every prompt of the batch (`inputs`); a clear error when
-        even the cheapest does not."""
-        factor = self.load.factor
+        predicted cost fits `budget` on every prompt of the batch (`inputs`), or a keep fraction
+        between two calibrated ones when its interpolated fidelity is higher (`aim.budget.curves`);
+        a clear error when even the cheapest point does not fit."""
+        # the load correction, and for a latency budget the margin its quantile asks for
+        factor = self.load.factor * (self.load.margin(budget.quantile) if budget.ms is not None else 1.0)
         best = None
         cheapest = None
         limit = budget.flops if budget.flops is not None else budget.ms
+
+        def cost(name: str, config: Callable[[], AIMConfig], scale: float) -> tuple[float, float, float]:
+            per_prompt = [self._predict(name, config, scale, spec) for spec in inputs]
+            fraction = max(c[0] for c in per_prompt)
+            seconds = max(c[1] for c in per_prompt) * factor
+            return (fraction if budget.flops is not None else seconds * 1000.0), fraction, seconds
+
         # the frontier only (fidelity against FLOPs): predicting every calibrated setting per request
         # costs more time than a latency budget can spare (254 settings on the default model)
         for point in self.profile.frontier:
-            per_prompt = [self.predict(point, spec) for spec in inputs]
-            fraction = max(c[0] for c in per_prompt)
-            seconds = max(c[1] for c in per_prompt) * factor
-            cost = fraction if budget.flops is not None else seconds * 1000.0
-            if cheapest is None or cost < cheapest[0]:
-                cheapest = (cost, point, fraction, seconds)
-            if cost <= limit + 1e-12:  # the frontier is ordered by fidelity: the last that fits is the most faithful
-                best = (point, fraction, seconds)
+            value, fraction, seconds = cost(point.name, point.aim_config, point.latency_scale)
+            if cheapest is None or value < cheapest[0]:
+                cheapest = (value, point.name, point.aim_config(), fraction, seconds)
+            if value <= limit + 1e-12:  # the frontier is ordered by fidelity: the last that fits is the most faithful
+                best = (point.name, point.aim_config(), fraction, seconds)
+        if self.curves:
+            # also a calibrated point off the frontier: the frontier ranks settings by their mean cost
+            # on the calibration inputs, and this input may order them otherwise
+            floor = self._fidelity[best[0]] if best is not None else (-math.inf, -math.inf)
+            best = self._between_calibrated(cost, limit, floor) or best
         if best is None and budget.ms is not None and self.load.observations == 0:
             # no prefill measured on this machine yet: the prediction comes from the calibrating
             # machine, so run the cheapest (best effort, with a warning) and let its time tell
             logger.warning("latency budget %s: the cheapest calibrated setting '%s' is predicted to need %.0f ms "
                            "on the machine that calibrated the profile; running it as the best effort until this "
-                           "machine's prefill times are measured", budget.describe(), cheapest[1].name, cheapest[0])
+                           "machine's prefill times are measured", budget.describe(), cheapest[1], cheapest[0])
             best = cheapest[1:]
         quiet = self.load.quietest
         if best is None and budget.ms is not None and factor > quiet and cheapest[0] / factor * quiet <= limit + 1e-12:
@@ -171,19 +233,74 @@ class Selector:
             # time keeps updating the load estimate and the choice comes back when the load ends
             logger.warning("latency budget %s: under the current load (x%.2f) even the cheapest calibrated setting "
                            "'%s' is predicted to need %.0f ms; running it as the best effort", budget.describe(),
-                           factor, cheapest[1].name, cheapest[0])
+                           factor, cheapest[1], cheapest[0])
             best = cheapest[1:]
         if best is None:
             unit = "of the prefill FLOPs" if budget.flops is not None else "ms"
             value = f"{cheapest[0]:.1%}" if budget.flops is not None else f"{cheapest[0]:.0f}"
             raise ValueError(
                 f"budget {budget.describe()} is below the cheapest calibrated setting for this input "
-                f"('{cheapest[1].name}' needs {value} {unit}"
+                f"('{cheapest[1]}' needs {value} {unit}"
                 + ("" if budget.flops is not None else f", load factor {factor:.2f}") + "); "
                 "allowed: a budget at least that large"
             )
-        point, fraction, seconds = best
-        return Choice(budget, point.name, point.aim_config(), fraction, seconds, factor)
+        name, config, fraction, seconds = best
+        return Choice(budget, name, config, fraction, seconds, factor)
+
+    def _between_calibrated(self, cost, limit: float, floor: tuple[float, float]):
+        """The most faithful setting on a family's curve that fits `limit`, when its (interpolated)
+        fidelity is strictly above `floor`: ``(name, config, FLOPs fraction, seconds)`` or None.
+
+        Per curve: skip it when no member beats `floor`; else find the dearest member that fits
+        (costs grow with the keep fraction) and solve the largest keep on the `KEEP_STEP` grid
+        between it and the next member. Predictions are memoised like the frontier's."""
+        best = None
+        num_layers = self.spec.llm.num_layers
+        for curve in self.curves:
+            members = curve.members
+            above = next((i for i, m in enumerate(members) if m.fidelity > floor), None)
+            if above is None:
+                continue
+            lowest = max(above - 1, 0)  # below it every member is at most as faithful as `floor`
+
+            def fits(i: int) -> tuple[float, float, float] | None:
+                m = members[i]
+                found = cost(m.point.name, m.point.aim_config, m.point.latency_scale)
+                return found if found[0] <= limit + 1e-12 else None
+
+            if fits(lowest) is None:
+                continue
+            lo, hi = lowest, len(members) - 1  # binary search: lo fits; the dearest member that fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(mid) is not None else (lo, mid - 1)
+            dearest = members[lo]
+            if dearest.fidelity > floor:
+                _, fraction, seconds = fits(lo)
+                best, floor = (dearest.point.name, dearest.point.aim_config(), fraction, seconds), dearest.fidelity
+            if lo + 1 >= len(members) or not members[lo + 1].fidelity > floor or not curve.spans(lo):
+                continue
+            # the largest keep on the grid strictly between the two members that fits
+            first = int(dearest.keep / KEEP_STEP + 1e-9) + 1
+            last = -int(-members[lo + 1].keep / KEEP_STEP - 1e-9) - 1
+            solved = None
+            while first <= last:
+                mid = (first + last + 1) // 2
+                keep = round(mid * KEEP_STEP, 6)
+                config = curve.config(keep)
+                _, scale = curve.between(lo, keep)
+                found = cost(setting_name(config, num_layers), lambda c=config: c, scale)
+                if found[0] <= limit + 1e-12:
+                    solved, first = (keep, config, found), mid + 1
+                else:
+                    last = mid - 1
+            if solved is None:
+                continue
+            keep, config, found = solved
+            fidelity, _ = curve.between(lo, keep)
+            if fidelity > floor:
+                best, floor = (setting_name(config, num_layers), config, found[1], found[2]), fidelity
+        return best
 
 
 def layout_specs(layout, valid) -> list[InputSpec]:

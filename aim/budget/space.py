@@ -28,7 +28,7 @@ class Candidate:
     config: AIMConfig
 
 
-def _name(config: AIMConfig, num_layers: int) -> str:
+def setting_name(config: AIMConfig, num_layers: int) -> str:
     if not config.enabled:
         return "off"
     parts = []
@@ -68,16 +68,17 @@ def config_space(num_layers: int, video: bool = True) -> list[Candidate]:
                 config = AIMConfig(temporal_keep=temporal, **schedule, **prune)
                 if config.is_identity(num_layers):
                     continue
-                seen.setdefault(_name(config, num_layers), Candidate(_name(config, num_layers), config))
+                seen.setdefault(setting_name(config, num_layers), Candidate(setting_name(config, num_layers), config))
     for keep in (0.25, 0.1):  # the pooling baseline, where it helps (square frame grids)
         config = AIMConfig(merge_keep=keep, merge_method="pool", prune=False)
-        seen.setdefault(_name(config, num_layers), Candidate(_name(config, num_layers), config))
+        seen.setdefault(setting_name(config, num_layers), Candidate(setting_name(config, num_layers), config))
     return list(seen.values())
 
 
-def costs(spec: ModelSpec, inputs: InputSpec, config: AIMConfig) -> tuple[float, list[int]]:
-    """``(FLOPs fraction, tokens per layer)`` of `config` on `inputs` (one estimate of each model)."""
-    base = estimate(spec, inputs, None, dtype="float32")
+def costs(spec: ModelSpec, inputs: InputSpec, config: AIMConfig, base=None) -> tuple[float, list[int]]:
+    """``(FLOPs fraction, tokens per layer)`` of `config` on `inputs` (one estimate of each model;
+    `base`: the unchanged model's estimate on `inputs`, when already made)."""
+    base = base if base is not None else estimate(spec, inputs, None, dtype="float32")
     if not config.enabled:
         return 1.0, base.tokens_per_layer
     mine = estimate(spec, inputs, config, dtype="float32")

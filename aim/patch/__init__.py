@@ -42,7 +42,9 @@ def apply_aim(
     *,
     budget: float | None = None,
     budget_ms: float | None = None,
+    budget_quantile: float | None = None,
     profile=None,
+    interpolate_keeps: bool = True,
     **overrides,
 ) -> torch.nn.Module:
     """Patch `model` in place so visual tokens are merged before the LLM and pruned inside it.
@@ -51,12 +53,18 @@ def apply_aim(
         model: a loaded transformers model of a supported class (see `SUPPORTED_MODELS`).
         config: an `AIMConfig` or a dict of its fields; default: the paper's settings.
         budget: instead of a fixed config, a budget per prefill as a fraction of the unchanged
-            model's LLM prefill FLOPs: each call runs the most faithful calibrated setting whose
-            cost for that input fits (`aim.budget`). Needs a profile.
+            model's LLM prefill FLOPs: each call runs the most faithful calibrated setting (or
+            merge keep fraction between two, see `interpolate_keeps`) whose cost for that input
+            fits (`aim.budget`). Needs a profile.
         budget_ms: the same with a prefill latency budget in milliseconds (time to first token).
+        budget_quantile: the share of prefills a latency budget should hold for (default 0.9),
+            from the measured spread of this machine's prefill times; 0.5 targets the typical time.
         profile: an `aim.budget.Profile` or the path of one (``aim calibrate``); default: the
             ``aim_profile.json`` saved beside the model's weights (the default model ships one).
             Given alone, it enables per-call budgets (``generate(..., aim_budget=0.3)``).
+        interpolate_keeps: with a budget, also run merge keep fractions between the calibrated
+            ones, their fidelity interpolated between the calibrated neighbours (default; see
+            `aim.budget.curves`); False runs calibrated settings only.
         **overrides: fields of `AIMConfig` to change, e.g. ``merge_keep=0.25, prune_start=14``.
 
     Applying again re-configures the existing patch (never patches twice). A single call can use
@@ -67,13 +75,14 @@ def apply_aim(
     compat.warn_if_untested()
     from .wrappers import budget_from
 
-    chosen_budget = budget_from(budget, budget_ms)
+    chosen_budget = budget_from(budget, budget_ms, budget_quantile)
     if chosen_budget is not None and (config is not None or overrides):
         raise ValueError("give apply_aim either a config (or AIM options) or a budget, not both")
     config = as_config(config) or AIMConfig()
     if overrides:
         config = config.replace(**overrides)
-    selector = _selector(model, profile) if (profile is not None or chosen_budget is not None) else None
+    selector = (_selector(model, profile, interpolate_keeps)
+                if (profile is not None or chosen_budget is not None) else None)
     controller: Controller | None = getattr(multimodal_of(model), "_aim", None)
     if controller is not None:
         if controller.owner is not model:
@@ -92,7 +101,7 @@ def apply_aim(
     return model
 
 
-def _selector(model: torch.nn.Module, profile):
+def _selector(model: torch.nn.Module, profile, interpolate_keeps: bool = True):
     """A budget selector for `model` from `profile` (a Profile, a path, or None: beside the weights)."""
     from pathlib import Path
 
@@ -110,7 +119,7 @@ def _selector(model: torch.nn.Module, profile):
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
     profile.check_model(model.config)
-    return Selector(profile, load_model(model.config))
+    return Selector(profile, load_model(model.config), interpolate=interpolate_keeps)
 
 
 def remove_aim(model: torch.nn.Module) -> torch.nn.Module:

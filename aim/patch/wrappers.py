@@ -42,7 +42,8 @@ class MultimodalForward:
             return forward_prompt_then_drafted(self, split, kwargs)
         options = options_for(controller)
         given = kwargs.pop("aim_config", None)
-        budget = budget_from(kwargs.pop("aim_budget", None), kwargs.pop("aim_budget_ms", None))
+        budget = budget_from(kwargs.pop("aim_budget", None), kwargs.pop("aim_budget_ms", None),
+                             kwargs.pop("aim_budget_quantile", None))
         config = controller.per_call(given) if given is not None else controller.config_in_effect()
         call = self.signature.bind_partial(*args, **kwargs)
         state = CallState(owner=controller, config=config, input_ids=call.arguments.get("input_ids"),
@@ -65,7 +66,7 @@ class MultimodalForward:
             choice = state.choice
             controller.selector.load.observe(measured, choice.predicted_seconds / choice.load_factor)
             state.stats.budget = {
-                "budget": choice.budget.describe(), "point": choice.point,
+                "budget": choice.budget.describe(), "point": choice.point, "config": choice.config,
                 "predicted_flops_fraction": choice.predicted_flops_fraction,
                 "predicted_seconds": choice.predicted_seconds, "load_factor": choice.load_factor,
                 "measured_seconds": measured,
@@ -92,9 +93,9 @@ class Generate:
         self.__wrapped__ = original
 
     def __call__(self, *args, aim_config: AIMConfig | Mapping | None = None, aim_budget: float | None = None,
-                 aim_budget_ms: float | None = None, aim_draft: torch.nn.Module | None = None,
-                 aim_draft_tokens: int | None = None, **kwargs):
-        budget = budget_from(aim_budget, aim_budget_ms)
+                 aim_budget_ms: float | None = None, aim_budget_quantile: float | None = None,
+                 aim_draft: torch.nn.Module | None = None, aim_draft_tokens: int | None = None, **kwargs):
+        budget = budget_from(aim_budget, aim_budget_ms, aim_budget_quantile)
         if aim_config is not None and budget is not None:
             raise ValueError("give a call either aim_config or a budget (aim_budget / aim_budget_ms), not both")
         if aim_draft_tokens is not None and aim_draft is None:
@@ -113,13 +114,18 @@ class Generate:
             return run(*args, **kwargs)
 
 
-def budget_from(flops: float | None, ms: float | None):
-    """An `aim.budget.Budget` from a call's ``aim_budget`` / ``aim_budget_ms`` (None when neither)."""
+def budget_from(flops: float | None, ms: float | None, quantile: float | None = None):
+    """An `aim.budget.Budget` from a call's ``aim_budget`` / ``aim_budget_ms`` (None when neither)
+    and ``aim_budget_quantile`` (a latency budget's share of prefills; default 0.9)."""
     if flops is None and ms is None:
+        if quantile is not None:
+            raise ValueError("a budget quantile goes with a latency budget (budget_ms / aim_budget_ms), which is missing")
         return None
     from ..budget.select import Budget
 
-    return Budget(flops=flops, ms=ms)
+    if quantile is not None and ms is None:
+        raise ValueError("a budget quantile applies to latency budgets (budget_ms / aim_budget_ms), not FLOPs budgets")
+    return Budget(flops=flops, ms=ms) if quantile is None else Budget(flops=flops, ms=ms, quantile=quantile)
 
 
 _IN_FEATURES: contextvars.ContextVar = contextvars.ContextVar("aim_in_features", default=None)
