@@ -27,8 +27,8 @@ class AIMStats:
             frame / crop before merging (row-major), to map positions back to frames.
         budget: only for a budgeted call (`aim.budget`): the budget, the point that ran (its name
             and `AIMConfig`; a keep fraction between calibrated ones is named by it, e.g.
-            ``"merge 0.791"``), its predicted FLOPs fraction and seconds, the load factor and the
-            measured seconds.
+            ``"merge 0.791"``), its predicted FLOPs fraction and typical seconds (load-corrected), the
+            load factor, the margin a latency budget's quantile added, and the measured seconds.
     """
 
     input_tokens: list[int]

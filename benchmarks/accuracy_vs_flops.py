@@ -172,7 +172,7 @@ def few_visual_layers(model, spec: F.InputSpec, config: AIMConfig | None) -> boo
 def run(model, processor, examples, config: AIMConfig | None, batch_size: int, **apply) -> dict:
     """Accuracy (overall and per kind) and mean measured LLM prefill FLOPs of one setting (`config`,
     or `apply_aim` keywords such as ``budget=0.3, profile=...``); for a budget, ``points`` counts
-    the requests each calibrated setting served."""
+    the requests each setting served."""
     flops: list[int] = []
     points: dict[str, int] = {}
 

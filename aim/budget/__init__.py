@@ -1,12 +1,14 @@
-"""Budget-driven inference: give a compute or latency budget, aim runs the calibrated setting that
-keeps the most fidelity within it.
+"""Budget-driven inference: give a compute or latency budget, aim runs the setting that keeps the
+most fidelity within it.
 
 - `calibrate` measures every candidate configuration (`config_space`) on unlabeled inputs and
   returns a `Profile` (fidelity, cost, latency model of this machine, Pareto frontier).
 - ``apply_aim(model, budget=0.3, profile=...)`` / ``budget_ms=250``, or per request
   ``model.generate(..., aim_budget=0.3)`` / ``aim_budget_ms=250``: the engine predicts each
-  frontier point's cost for the input at hand and runs the most faithful one that fits
-  (`Selector`), correcting latency predictions under load (`LoadTracker`).
+  frontier point's cost for the input at hand and runs the most faithful one that fits, or a
+  merge keep fraction between two calibrated ones when its interpolated fidelity is higher
+  (`Selector`, `aim.budget.curves`), correcting latency predictions under load and holding a
+  latency budget for 90% of prefills (`LoadTracker`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ keep fraction) cost grows with the keep fraction and fidelity is monotone in it
 fraction on a `KEEP_STEP` grid whose predicted cost fits, and estimates its fidelity by linear
 interpolation between its two calibrated neighbours (agreement and KL each), across gaps of at most `MAX_GAP`. The unchanged model
 ends the curve of the family that is the identity at keep 1.0 (merging alone). An interpolated
-setting runs only when its estimate is strictly above every calibrated point that fits.
+setting runs only when its estimate is strictly above the most faithful frontier point that fits
+and every calibrated member of a curve that fits.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ class KeepCurve:
         lo, hi = self.members[lower], self.members[lower + 1]
         t = (keep - lo.keep) / (hi.keep - lo.keep)
         fidelity = tuple(a + (b - a) * t for a, b in zip(lo.fidelity, hi.fidelity))
-        if hi.point.config.get("enabled", True):
+        if hi.keep < 1.0:
             scale = lo.point.latency_scale + (hi.point.latency_scale - lo.point.latency_scale) * t
-        else:  # any keep below 1 runs the merge stage, which the unchanged model's scale does not include
+        else:  # any keep below 1 runs the merge stage, which a member without merging does not time
             scale = lo.point.latency_scale
         return (fidelity[0], fidelity[1]), scale
 

@@ -1,9 +1,11 @@
-"""Choosing a frontier point for one request, and correcting latency predictions under load.
+"""Choosing a setting for one request, and correcting latency predictions under load.
 
 For each prefill the engine describes the input by its token counts (`input_spec`), predicts the
 cost of every frontier point *for that input* (FLOPs fraction from the FLOPs model; seconds from
 the profile's latency model times the load correction), and runs the most faithful point whose
-prediction fits the budget. Below the cheapest point: a clear error, never a silent overrun.
+prediction fits the budget, or a merge keep fraction between two calibrated ones of a family when
+its interpolated fidelity is higher (`aim.budget.curves`). Below the cheapest point: a clear
+error, never a silent overrun.
 
 Load correction (`LoadTracker`): after each budgeted prefill, the ratio measured / predicted
 seconds enters an exponential moving average. The factor the choice uses moves to that average
@@ -11,21 +13,26 @@ only when it leaves a dead band around the factor in use (hysteresis), so aim mo
 points when the machine is shared and back when the load ends, without flapping on noise. The
 first few measured ratios replace the 1.0 prior outright (their plain mean is the factor): the
 profile's latency model was fitted on the machine (and at the moment) of calibration, and the
-first calls tell how fast this one is. A latency budget holds for a quantile of prefills (default
-0.9): the prediction is raised by the log-normal quantile of the measured spread of the ratio,
-estimated from successive differences so that a change of load counts once, not as lasting noise. Until the first measurement, a latency budget below the cheapest point's prediction runs the cheapest point as a
-best effort with a warning (the prediction is not yet checked on this machine); after it, such a
-budget runs the cheapest only when the current load explains the shortfall, and is refused when
-it would not fit even on the quiet machine.
+first calls tell how fast this one is.
+
+A latency budget holds for a quantile of prefills (default 0.9): the typical (load-corrected)
+prediction is raised by a margin, the log-normal quantile of the measured spread of the ratio,
+estimated from successive differences so that a change of load counts once, not as lasting noise.
+
+Until the first measurement, a latency budget below the cheapest point's prediction runs the
+cheapest point as a best effort with a warning (the prediction is not yet checked on this
+machine). After it, such a budget runs the cheapest as a best effort when its typical time on
+the quiet machine (the lowest load factor measured, no margin) fits, and is refused when even
+that does not fit.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from statistics import NormalDist
 import threading
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Callable
 
 from ..config import AIMConfig
@@ -49,7 +56,7 @@ class Budget:
 
     flops: float | None = None
     ms: float | None = None
-    quantile: float = DEFAULT_QUANTILE
+    quantile: float | None = None  # latency budgets only; None: `DEFAULT_QUANTILE`
 
     def __post_init__(self) -> None:
         if (self.flops is None) == (self.ms is None):
@@ -58,19 +65,27 @@ class Budget:
             raise ValueError(f"a FLOPs budget is a fraction of the unchanged model's prefill FLOPs in (0, 1], got {self.flops!r}")
         if self.ms is not None and not self.ms > 0:
             raise ValueError(f"a latency budget is a positive number of milliseconds, got {self.ms!r}")
-        if not 0.5 <= self.quantile < 1.0:
+        if self.quantile is not None and self.ms is None:
+            raise ValueError("a budget quantile applies to latency budgets (budget_ms / aim_budget_ms), not FLOPs budgets")
+        if self.quantile is not None and not 0.5 <= self.quantile < 1.0:
             raise ValueError(f"a latency budget's quantile is the share of prefills it should hold for, in "
                              f"[0.5, 1), got {self.quantile!r}")
+
+    @property
+    def share(self) -> float:
+        """The quantile of prefills a latency budget holds for."""
+        return DEFAULT_QUANTILE if self.quantile is None else self.quantile
 
     def describe(self) -> str:
         if self.flops is not None:
             return f"{self.flops:.0%} of the prefill FLOPs"
-        return f"{self.ms:g} ms prefill" + ("" if self.quantile == DEFAULT_QUANTILE else f" (p{100 * self.quantile:g})")
+        return f"{self.ms:g} ms prefill (p{100 * self.share:g})"
 
 
 @dataclass(frozen=True)
 class Choice:
-    """What a budgeted prefill ran: the point, its predicted cost, and (after the call) the
+    """What a budgeted prefill ran: the point, its predicted cost (`predicted_seconds`: the typical
+    time, load-corrected; a latency budget compared it times `margin`), and (after the call) the
     measured prefill seconds."""
 
     budget: Budget
@@ -79,6 +94,7 @@ class Choice:
     predicted_flops_fraction: float
     predicted_seconds: float
     load_factor: float
+    margin: float = 1.0
     measured_seconds: float | None = None
 
 
@@ -91,8 +107,9 @@ class LoadTracker:
         band: relative dead band: the factor in use changes only when the average leaves
             ``[factor / (1 + band), factor * (1 + band)]``.
         warmup: the first `warmup` ratios set the factor to their plain mean (no prior, no band).
-        spread_alpha: weight of the newest squared log deviation in the spread (slower than the
-            average, so a latency quantile's margin does not swing with each call).
+        spread_alpha: weight of the newest half squared successive difference of log ratios in
+            the spread (slower than the average, so a latency quantile's margin does not swing
+            with each call).
     """
 
     def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5, spread_alpha: float = 0.1) -> None:
@@ -102,7 +119,8 @@ class LoadTracker:
         self.quietest = 1.0  # the lowest factor measured: this machine's speed when quiet
         self.spread = 0.0  # variance of log(ratio) from successive differences: how much prefill times vary
         self.observations = 0
-        self._logs: list[float] = []  # log ratios of the warmup, then only the latest
+        self._warmup_logs: list[float] = []  # log ratios of the warmup calls
+        self._last_log: float | None = None  # log ratio of the latest call
         self._lock = threading.Lock()  # one model, many threads
 
     def observe(self, measured: float, predicted: float) -> None:
@@ -117,17 +135,20 @@ class LoadTracker:
                 previous = 0.0 if self.observations == 1 else self.average
                 self.average = self.factor = previous + (ratio - previous) / self.observations
                 self.quietest = self.factor if self.observations == 1 else min(self.quietest, self.factor)
-                logs = self._logs
+                logs = self._warmup_logs
                 logs.append(math.log(ratio))
                 steps = [(b - a) ** 2 / 2 for a, b in zip(logs, logs[1:])]
                 self.spread = sum(steps) / len(steps) if steps else 0.0
+                self._last_log = logs[-1]
                 return
             self.average = (1 - self.alpha) * self.average + self.alpha * ratio
             # successive differences (von Neumann): a change of load is one large step, not a long
             # run of deviations from a lagging average; for independent noise E[step^2] = 2 var
-            step = math.log(ratio) - self._logs[-1]
-            self._logs[-1:] = [math.log(ratio)]
-            self.spread = (1 - self.spread_alpha) * self.spread + self.spread_alpha * step * step / 2
+            log = math.log(ratio)
+            if self._last_log is not None:
+                step = log - self._last_log
+                self.spread = (1 - self.spread_alpha) * self.spread + self.spread_alpha * step * step / 2
+            self._last_log = log
             if not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
                 self.factor = self.average
                 self.quietest = min(self.quietest, self.factor)
@@ -172,9 +193,10 @@ class Selector:
         inside the timed prefill for every point of the frontier, and requests repeat layouts."""
         return self._predict(point.name, point.aim_config, point.latency_scale, inputs)
 
-    def _predict(self, name: str, config: Callable[[], AIMConfig], latency_scale: float,
+    def _predict(self, key: str, config: Callable[[], AIMConfig], latency_scale: float,
                  inputs: InputSpec) -> tuple[float, float]:
-        key = (name, inputs)
+        """`predict` for any setting, memoised under `key` (unique per setting: a point's name)."""
+        key = (key, inputs)
         found = self._predictions.get(key)
         if found is None:
             base = self._unchanged.get(inputs)
@@ -191,20 +213,22 @@ class Selector:
 
     def choose(self, budget: Budget, inputs: list[InputSpec]) -> Choice:
         """The most faithful frontier point (the dearest among equally faithful ones) whose
-        predicted cost fits `budget` on every prompt of the batch (`inputs`), or a keep fraction
-        between two calibrated ones when its interpolated fidelity is higher (`aim.budget.curves`);
-        a clear error when even the cheapest point does not fit."""
-        # the load correction, and for a latency budget the margin its quantile asks for
-        factor = self.load.factor * (self.load.margin(budget.quantile) if budget.ms is not None else 1.0)
+        predicted cost fits `budget` on every prompt of the batch (`inputs`), or a setting of a
+        family's curve when its (interpolated) fidelity is higher (`aim.budget.curves`); a clear
+        error when even the cheapest point does not fit."""
+        load = self.load.factor
+        # a latency budget holds for a quantile of prefills: the typical time times this margin fits
+        margin = self.load.margin(budget.share) if budget.ms is not None else 1.0
         best = None
         cheapest = None
         limit = budget.flops if budget.flops is not None else budget.ms
 
-        def cost(name: str, config: Callable[[], AIMConfig], scale: float) -> tuple[float, float, float]:
-            per_prompt = [self._predict(name, config, scale, spec) for spec in inputs]
+        def cost(key: str, config: Callable[[], AIMConfig], scale: float) -> tuple[float, float, float]:
+            """(what the budget limits, FLOPs fraction, typical load-corrected seconds)"""
+            per_prompt = [self._predict(key, config, scale, spec) for spec in inputs]
             fraction = max(c[0] for c in per_prompt)
-            seconds = max(c[1] for c in per_prompt) * factor
-            return (fraction if budget.flops is not None else seconds * 1000.0), fraction, seconds
+            seconds = max(c[1] for c in per_prompt) * load
+            return (fraction if budget.flops is not None else seconds * margin * 1000.0), fraction, seconds
 
         # the frontier only (fidelity against FLOPs): predicting every calibrated setting per request
         # costs more time than a latency budget can spare (254 settings on the default model)
@@ -227,13 +251,15 @@ class Selector:
                            "machine's prefill times are measured", budget.describe(), cheapest[1], cheapest[0])
             best = cheapest[1:]
         quiet = self.load.quietest
-        if best is None and budget.ms is not None and factor > quiet and cheapest[0] / factor * quiet <= limit + 1e-12:
-            # the budget fits this machine when quiet, not under the load measured now: run the
-            # cheapest setting (best effort, with a warning) rather than refuse, so that its measured
-            # time keeps updating the load estimate and the choice comes back when the load ends
-            logger.warning("latency budget %s: under the current load (x%.2f) even the cheapest calibrated setting "
-                           "'%s' is predicted to need %.0f ms; running it as the best effort", budget.describe(),
-                           factor, cheapest[1], cheapest[0])
+        if (best is None and budget.ms is not None and (load > quiet or margin > 1.0)
+                and 1000.0 * cheapest[4] / load * quiet <= limit + 1e-12):
+            # the cheapest setting's typical time fits this machine when quiet, not under the load
+            # (or with the margin) measured now: run it (best effort, with a warning) rather than
+            # refuse, so that its measured time keeps updating the estimates and the choice comes
+            # back when the load ends
+            logger.warning("latency budget %s: under the current load (x%.2f) and the p%g margin (x%.2f) even the "
+                           "cheapest calibrated setting '%s' is predicted to need %.0f ms; running it as the best "
+                           "effort", budget.describe(), load, 100 * budget.share, margin, cheapest[1], cheapest[0])
             best = cheapest[1:]
         if best is None:
             unit = "of the prefill FLOPs" if budget.flops is not None else "ms"
@@ -241,19 +267,23 @@ class Selector:
             raise ValueError(
                 f"budget {budget.describe()} is below the cheapest calibrated setting for this input "
                 f"('{cheapest[1]}' needs {value} {unit}"
-                + ("" if budget.flops is not None else f", load factor {factor:.2f}") + "); "
+                + ("" if budget.flops is not None else f", load factor {load:.2f}, p{100 * budget.share:g} margin "
+                   f"{margin:.2f}") + "); "
                 "allowed: a budget at least that large"
             )
         name, config, fraction, seconds = best
-        return Choice(budget, name, config, fraction, seconds, factor)
+        return Choice(budget, name, config, fraction, seconds, load, margin)
 
     def _between_calibrated(self, cost, limit: float, floor: tuple[float, float]):
         """The most faithful setting on a family's curve that fits `limit`, when its (interpolated)
         fidelity is strictly above `floor`: ``(name, config, FLOPs fraction, seconds)`` or None.
 
         Per curve: skip it when no member beats `floor`; else find the dearest member that fits
-        (costs grow with the keep fraction) and solve the largest keep on the `KEEP_STEP` grid
-        between it and the next member. Predictions are memoised like the frontier's."""
+        and solve the largest keep on the `KEEP_STEP` grid between it and the next member. Both
+        searches are binary, taking cost to grow with the keep fraction: FLOPs do; a predicted
+        time may not quite (each member has its own time scale), and then a search can settle on
+        a cheaper setting than the dearest that fits, never on one that does not fit.
+        Predictions are memoised like the frontier's."""
         best = None
         num_layers = self.spec.llm.num_layers
         for curve in self.curves:
@@ -282,14 +312,15 @@ class Selector:
                 continue
             # the largest keep on the grid strictly between the two members that fits
             first = int(dearest.keep / KEEP_STEP + 1e-9) + 1
-            last = -int(-members[lo + 1].keep / KEEP_STEP - 1e-9) - 1
+            last = math.ceil(members[lo + 1].keep / KEEP_STEP - 1e-9) - 1
             solved = None
             while first <= last:
                 mid = (first + last + 1) // 2
                 keep = round(mid * KEEP_STEP, 6)
                 config = curve.config(keep)
                 _, scale = curve.between(lo, keep)
-                found = cost(setting_name(config, num_layers), lambda c=config: c, scale)
+                # keyed by the whole config: a name omits knobs such as tau or the seed
+                found = cost(repr(config), lambda c=config: c, scale)
                 if found[0] <= limit + 1e-12:
                     solved, first = (keep, config, found), mid + 1
                 else:

@@ -69,6 +69,7 @@ class MultimodalForward:
                 "budget": choice.budget.describe(), "point": choice.point, "config": choice.config,
                 "predicted_flops_fraction": choice.predicted_flops_fraction,
                 "predicted_seconds": choice.predicted_seconds, "load_factor": choice.load_factor,
+                "margin": choice.margin,
                 "measured_seconds": measured,
             }
         if state.stats is not None:
@@ -123,9 +124,7 @@ def budget_from(flops: float | None, ms: float | None, quantile: float | None = 
         return None
     from ..budget.select import Budget
 
-    if quantile is not None and ms is None:
-        raise ValueError("a budget quantile applies to latency budgets (budget_ms / aim_budget_ms), not FLOPs budgets")
-    return Budget(flops=flops, ms=ms) if quantile is None else Budget(flops=flops, ms=ms, quantile=quantile)
+    return Budget(flops=flops, ms=ms, quantile=quantile)
 
 
 _IN_FEATURES: contextvars.ContextVar = contextvars.ContextVar("aim_in_features", default=None)
