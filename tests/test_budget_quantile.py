@@ -27,8 +27,10 @@ def test_spread_is_the_log_variance_of_independent_noise_and_ignores_a_change_of
     for _ in range(3000):
         tracker.observe(math.exp(rng.gauss(0.0, 0.3)), 1.0)
     assert math.sqrt(tracker.spread) == pytest.approx(0.3, rel=0.15)
-    # the margin is the 90th percentile of the ratio: exp(1.2816 * 0.3) for this noise
-    assert tracker.margin(0.9) == pytest.approx(math.exp(NormalDist().inv_cdf(0.9) * 0.3), rel=0.06)
+    # the prediction the margin makes (factor in use times margin) reaches the ratio's true 90th
+    # percentile, exp(1.2816 * 0.3) for this noise, wherever in its dead band the factor sits
+    p90 = math.exp(NormalDist().inv_cdf(0.9) * 0.3)
+    assert 0.94 * p90 <= tracker.factor * tracker.margin(0.9) <= 1.3 * p90
     assert tracker.margin(0.5) == 1.0
     steady = LoadTracker()
     for ratio in [1.0] * 10 + [3.0] * 30:  # no noise, one change of load
@@ -36,7 +38,9 @@ def test_spread_is_the_log_variance_of_independent_noise_and_ignores_a_change_of
     assert 3.0 / 1.25 <= steady.factor <= 3.0  # moved to the new load (within the dead band)
     # one step, decayed: no lasting spread
     assert steady.spread == pytest.approx(0.1 * math.log(3.0) ** 2 / 2 * 0.9 ** 29)
-    assert steady.margin(0.9) < 1.1
+    assert math.exp(NormalDist().inv_cdf(0.9) * math.sqrt(steady.spread)) < 1.1
+    # and the margin lifts the lagging factor toward the new level, not far past it
+    assert 0.95 * 3.0 <= steady.factor * steady.margin(0.9) <= 1.1 * 3.0
 
 
 def _profile(model) -> Profile:
@@ -105,6 +109,25 @@ def test_a_quantile_without_a_latency_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="missing"):
         budget_from(None, None, 0.9)
     assert budget_from(None, 20.0, None).share == 0.9 and budget_from(None, 20.0, 0.75).share == 0.75
+
+
+def test_a_slowdown_inside_the_dead_band_raises_the_margin_at_once():
+    """The factor in use waits for the average to leave the 25% band; a quantile's margin does
+    not wait for a slowdown (it does for a speed-up), and the median keeps the band's hysteresis."""
+    tracker = LoadTracker()
+    for _ in range(5):
+        tracker.observe(1.0, 1.0)
+    for _ in range(20):
+        tracker.observe(1.2, 1.0)  # 20% slower: inside the band
+    assert tracker.factor == 1.0 and math.exp(tracker.level) == pytest.approx(1.2, rel=0.03)
+    assert tracker.margin(0.9) == pytest.approx(
+        math.exp(tracker.level) * math.exp(NormalDist().inv_cdf(0.9) * math.sqrt(tracker.spread)))
+    assert tracker.margin(0.9) >= 1.16 and tracker.margin(0.5) == 1.0
+    faster = LoadTracker()
+    for ratio in [1.0] * 5 + [0.85] * 20:  # 15% faster: inside the band, no drift term
+        faster.observe(ratio, 1.0)
+    assert faster.factor == 1.0 and faster.margin(0.9) == pytest.approx(
+        math.exp(NormalDist().inv_cdf(0.9) * math.sqrt(faster.spread)))
 
 
 def test_a_tracker_without_warmup_learns_the_spread_from_the_second_call():

@@ -17,7 +17,8 @@ first calls tell how fast this one is.
 
 A latency budget holds for a quantile of prefills (default 0.9): the typical (load-corrected)
 prediction is raised by a margin, the log-normal quantile of the measured spread of the ratio,
-estimated from successive differences so that a change of load counts once, not as lasting noise.
+estimated from successive differences so that a change of load counts once, not as lasting noise,
+times the slowdown the moving average shows beyond the factor in use (inside the dead band).
 
 Until the first measurement, a latency budget below the cheapest point's prediction runs the
 cheapest point as a best effort with a warning (the prediction is not yet checked on this
@@ -118,6 +119,7 @@ class LoadTracker:
         self.factor = 1.0
         self.quietest = 1.0  # the lowest factor measured: this machine's speed when quiet
         self.spread = 0.0  # variance of log(ratio) from successive differences: how much prefill times vary
+        self.level = 0.0  # moving mean of log(ratio) (weight spread_alpha): the typical ratio, less noisy than `average`
         self.observations = 0
         self._warmup_logs: list[float] = []  # log ratios of the warmup calls
         self._last_log: float | None = None  # log ratio of the latest call
@@ -140,6 +142,7 @@ class LoadTracker:
                 steps = [(b - a) ** 2 / 2 for a, b in zip(logs, logs[1:])]
                 self.spread = sum(steps) / len(steps) if steps else 0.0
                 self._last_log = logs[-1]
+                self.level = sum(logs) / len(logs)
                 return
             self.average = (1 - self.alpha) * self.average + self.alpha * ratio
             # successive differences (von Neumann): a change of load is one large step, not a long
@@ -149,16 +152,23 @@ class LoadTracker:
                 step = log - self._last_log
                 self.spread = (1 - self.spread_alpha) * self.spread + self.spread_alpha * step * step / 2
             self._last_log = log
+            self.level = (1 - self.spread_alpha) * self.level + self.spread_alpha * log
             if not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
                 self.factor = self.average
                 self.quietest = min(self.quietest, self.factor)
 
     def margin(self, quantile: float) -> float:
-        """How much a prediction is raised so that `quantile` of prefills fit: the log-normal
-        quantile of the measured spread (1.0 for the median, or before the second measurement)."""
-        if quantile <= 0.5 or self.spread <= 0.0:
+        """How much a prediction (load factor included) is raised so that `quantile` of prefills
+        fit: the log-normal quantile of the measured spread, times how much slower the typical
+        ratio (`level`) is than the factor in use when it is, i.e. a slowdown still inside the dead band
+        counts at once (a deadline cannot wait for the band to be left; a speed-up still waits).
+        1.0 for the median: the typical time, with the band's hysteresis."""
+        if quantile <= 0.5:
             return 1.0
-        return math.exp(NormalDist().inv_cdf(quantile) * math.sqrt(self.spread))
+        with self._lock:
+            drift = max(1.0, math.exp(self.level) / self.factor)
+            spread = self.spread
+        return drift * math.exp(NormalDist().inv_cdf(quantile) * math.sqrt(spread))
 
 
 def input_spec(text_tokens: int, groups: list[int], markers: int, video_groups: list[int]) -> InputSpec:
