@@ -244,10 +244,11 @@ class Selector:
         # costs more time than a latency budget can spare (254 settings on the default model)
         for point in self.profile.frontier:
             value, fraction, seconds = cost(point.name, point.aim_config, point.latency_scale)
+            # configs are built once, for the setting that runs: this loop is inside the timed prefill
             if cheapest is None or value < cheapest[0]:
-                cheapest = (value, point.name, point.aim_config(), fraction, seconds)
+                cheapest = (value, point.name, point.aim_config, fraction, seconds)
             if value <= limit + 1e-12:  # the frontier is ordered by fidelity: the last that fits is the most faithful
-                best = (point.name, point.aim_config(), fraction, seconds)
+                best = (point.name, point.aim_config, fraction, seconds)
         if self.curves:
             # also a calibrated point off the frontier: the frontier ranks settings by their mean cost
             # on the calibration inputs, and this input may order them otherwise
@@ -281,12 +282,13 @@ class Selector:
                    f"{margin:.2f}") + "); "
                 "allowed: a budget at least that large"
             )
-        name, config, fraction, seconds = best
-        return Choice(budget, name, config, fraction, seconds, load, margin)
+        name, make_config, fraction, seconds = best
+        return Choice(budget, name, make_config(), fraction, seconds, load, margin)
 
     def _between_calibrated(self, cost, limit: float, floor: tuple[float, float]):
         """The most faithful setting on a family's curve that fits `limit`, when its (interpolated)
-        fidelity is strictly above `floor`: ``(name, config, FLOPs fraction, seconds)`` or None.
+        fidelity is strictly above `floor`: ``(name, config factory, FLOPs fraction, seconds)`` or
+        None.
 
         Per curve: skip it when no member beats `floor`; else find the dearest member that fits
         and solve the largest keep on the `KEEP_STEP` grid between it and the next member. Both
@@ -317,7 +319,7 @@ class Selector:
             dearest = members[lo]
             if dearest.fidelity > floor:
                 _, fraction, seconds = fits(lo)
-                best, floor = (dearest.point.name, dearest.point.aim_config(), fraction, seconds), dearest.fidelity
+                best, floor = (dearest.point.name, dearest.point.aim_config, fraction, seconds), dearest.fidelity
             if lo + 1 >= len(members) or not members[lo + 1].fidelity > floor or not curve.spans(lo):
                 continue
             # the largest keep on the grid strictly between the two members that fits
@@ -340,7 +342,7 @@ class Selector:
             keep, config, found = solved
             fidelity, _ = curve.between(lo, keep)
             if fidelity > floor:
-                best, floor = (setting_name(config, num_layers), config, found[1], found[2]), fidelity
+                best, floor = (setting_name(config, num_layers), lambda c=config: c, found[1], found[2]), fidelity
         return best
 
 
