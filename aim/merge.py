@@ -130,9 +130,22 @@ def merge_item(features: torch.Tensor, frames: int, schedule: Sequence[float], m
     total = features.shape[0] - markers
     if frames < 1 or total < frames or total % frames:
         raise ValueError(f"cannot split {total} visual features (of {features.shape[0]}, {markers} marker(s)) into {frames} equal frames")
-    per_frame = features[:total].reshape(frames, total // frames, features.shape[-1])
-    merged = merge_tokens(per_frame, schedule).features if total // frames >= 2 and schedule else per_frame
-    return torch.cat([merged.reshape(-1, features.shape[-1]), features[total:]])
+    merged = merge_frames(features[:total], frames, schedule)
+    return torch.cat([merged.features.reshape(-1, features.shape[-1]), features[total:]])
+
+
+def merge_frames(features: torch.Tensor, frames: int, schedule: Sequence[float]) -> MergedTokens:
+    """Merge `frames` equal frames given end to end, ``(frames * n, dim)``, each on its own:
+    ``MergedTokens`` of shape ``(frames, kept, ...)``, whose ``index`` says where in its frame each
+    survivor (a merged token's destination) was, e.g. for its position (`aim.positions`)."""
+    total = features.shape[0]
+    if frames < 1 or total < frames or total % frames:
+        raise ValueError(f"cannot split {total} visual features into {frames} equal frames")
+    per_frame = features.reshape(frames, total // frames, features.shape[-1])
+    if total // frames >= 2 and schedule:
+        return merge_tokens(per_frame, schedule)
+    index = torch.arange(total // frames, device=features.device).expand(frames, -1)
+    return MergedTokens(per_frame, torch.ones(index.shape, device=features.device), index)
 
 
 def merge_item_groups(features: torch.Tensor, groups: Sequence[torch.Tensor], schedule: Sequence[float]) -> torch.Tensor:

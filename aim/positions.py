@@ -121,3 +121,40 @@ def mrope_row_layout(kept_per_frame: Sequence[int]) -> tuple[int, int, int]:
     if len(widths) != 1:
         raise ValueError(f"the contiguous M-RoPE layout needs equal kept tokens per frame, got {list(kept_per_frame)}")
     return len(kept_per_frame), 1, widths.pop()
+
+
+def mrope_slice_times(frames: int, time_scale: float = 1.0) -> torch.Tensor:
+    """Temporal M-RoPE offset of each of `frames` slices: ``int(f * time_scale)`` (seconds per slice
+    times tokens per second, truncated as vLLM and transformers do)."""
+    steps = torch.arange(frames, dtype=torch.float64)
+    return (steps * time_scale).long() if time_scale != 1.0 else steps.long()
+
+
+def mrope_resume(grid_thw: Sequence[int], time_scale: float = 1.0) -> int:
+    """Where the text after an unmerged image / video of LLM token grid ``(frames, height, width)``
+    resumes, relative to the item's start: its largest position + 1 over all three axes, as vLLM
+    numbers it (transformers 5.24 resumes after the spatial extent, max(height, width), which
+    differs when the time axis is the longest)."""
+    frames, height, width = (int(x) for x in grid_thw)
+    return max(int(mrope_slice_times(frames, time_scale)[-1]), height - 1, width - 1) + 1
+
+
+def destination_mrope(grid_thw: Sequence[int], index: torch.Tensor, time_scale: float = 1.0) -> torch.Tensor:
+    """Destination M-RoPE positions of one image's / video's merged tokens, relative to where the
+    item starts, for a serving engine that renumbers a prompt after its encoder ran (vLLM's
+    multimodal pruning interface): ``(frames * kept, 4)`` long rows ``[t, h, w, resume]``.
+
+    `grid_thw`: the item's LLM token grid ``(frames, height, width)``; `index`: ``(frames, kept)``
+    where in its frame's ``height * width`` grid each survivor was (`aim.merge.merge_frames`).
+    A survivor keeps its destination's position: frame ``f`` at `mrope_slice_times`, row and
+    column of its place in the grid. ``resume`` (the same in every row) is `mrope_resume`."""
+    frames, height, width = (int(x) for x in grid_thw)
+    if index.dim() != 2 or index.shape[0] != frames:
+        raise ValueError(f"expected the survivors' index per frame, ({frames}, kept), got {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= height * width):
+        raise ValueError(f"survivor index outside a frame of {height} x {width} tokens")
+    index = index.long().cpu()
+    t = mrope_slice_times(frames, time_scale).unsqueeze(1).expand_as(index)
+    resume = mrope_resume(grid_thw, time_scale)
+    rows = torch.stack([t, index // width, index % width, torch.full_like(index, resume)], dim=-1)
+    return rows.reshape(-1, 4)

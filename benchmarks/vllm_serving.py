@@ -7,12 +7,15 @@
    first token), requests/s, prompt tokens/s, and accuracy; beside it the accuracy of aim's
    transformers path at the same setting with the position rule vLLM follows
    (``merged_positions="contiguous"``), which the plugin must equal, and with aim's default rule
-   (``"destination"``: a merged token keeps its destination's position), which vLLM cannot follow.
+   (``"destination"``: a merged token keeps its destination's position), which the plugin serves on
+   Qwen2.5-VL only (vLLM renumbers LLaVA-OneVision's 1-D positions before encoding).
    vLLM's EVS (``--video-pruning-rate``) does not serve LLaVA-OneVision, so its video rows come
    from aim's transformers path running the same algorithm (``merge_method="evs"``, held to vLLM's
    own function and to vLLM's EVS serving Qwen2.5-VL by tests/test_vllm.py), at the same retention.
 2. A tiny random-weight Qwen2.5-VL (the class vLLM's EVS serves), a batch of video requests:
-   throughput of vLLM baseline, aim merge and vLLM's EVS at the same retention (speed only: its
+   throughput of vLLM baseline, aim merge (contiguous positions, and destination positions, which
+   vLLM renumbers after encoding through its pruning interface) and vLLM's EVS at the same
+   retention (speed only: its
    answers mean nothing), and as a control vLLM baseline on as many frames as give the reduced
    prompt's length (what the LLM saves, without any reduction's own cost).
 
@@ -131,6 +134,7 @@ def qwen_table(args, workdir: Path) -> None:
         # the control: the same prompt length without any reduction (fewer frames)
         frames = 2 * max(1, round(args.qwen_frames * keep / 2))
         settings += [(f"vLLM + aim merge {keep:.0%}", args.qwen_frames, dict(merge_keep=keep)),
+                     ("  destination positions", args.qwen_frames, dict(merge_keep=keep, merged_positions="destination")),
                      (f"vLLM EVS {keep:.0%}", args.qwen_frames, dict(merge_keep=None, plugin=False, video_pruning_rate=1.0 - keep)),
                      (f"  control: {frames} frames", frames, dict(merge_keep=None, plugin=False))]
     print(f"\nTiny random-weight Qwen2.5-VL (hidden {args.qwen_hidden}, {args.qwen_layers} layers), {len(videos)} video "

@@ -12,8 +12,8 @@ import torch
 from aim import AIMConfig, apply_aim, is_applied, remove_aim
 from aim.counts import merged_anyres_tokens, merged_item_tokens
 from aim.layout import groups_without_markers
-from aim.merge import merge_item, merge_item_groups
-from aim.positions import contiguous_positions, mrope_row_layout
+from aim.merge import merge_frames, merge_item, merge_item_groups
+from aim.positions import contiguous_positions, destination_mrope, mrope_row_layout
 from aim.tiny import build_tiny_model, make_inputs
 
 CASES = [("llava_onevision", "video"), ("llava_onevision", "image"), ("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video")]
@@ -208,6 +208,74 @@ def test_contiguous_generate_with_cache_equals_recomputation(family, kind):
     # every decoding step at the right (shifted) positions: the logits, not only the argmax
     for step_cached, step_recomputed in zip(cached.logits, recomputed.logits):
         torch.testing.assert_close(step_cached, step_recomputed, rtol=1e-4, atol=1e-4)
+
+
+def place_after_encoding(positions, ids, vision_start, item_rows):
+    """What vLLM's pruning interface does with the rows `destination_mrope` returns (one item):
+    the item's tokens at base + [t, h, w] from just after its vision start token, the text after it
+    from base + resume on (vllm/multimodal/video_prune/evs.py, 4-channel case)."""
+    positions = positions.clone()
+    start = int((ids == vision_start).nonzero()[0])
+    base = positions[-1, start] + 1
+    end = start + 1 + item_rows.shape[0]
+    positions[:, start + 1:end] = item_rows[:, :3].T + base
+    positions[:, end:] = torch.arange(1, positions.shape[1] - end + 1) + base + item_rows[0, 3] - 1
+    return positions
+
+
+QWEN_CASES = [c for c in CASES if c[0].startswith("qwen")]
+
+
+@pytest.mark.parametrize("family, kind", QWEN_CASES, ids=[f"{f}-{k}" for f, k in QWEN_CASES])
+def test_destination_positions_placed_after_encoding_equal_the_transformers_path(family, kind):
+    """A serving engine that renumbers the merged prompt after encoding (vLLM's pruning interface,
+    used by the plugin's ``aim_merged_positions="destination"``) with `destination_mrope`'s rows
+    gives the logits of aim's transformers path under its default rule."""
+    model = tiny(family)
+    inputs = make_inputs(model, kind=kind, batch_size=1, text_lengths=(9,))
+    config = AIMConfig(merge_keep=0.5, prune=False)
+    ids = inputs["input_ids"][0]
+    placeholder = model.config.image_token_id if kind == "image" else model.config.video_token_id
+    grid_key = "image_grid_thw" if kind == "image" else "video_grid_thw"
+    merge = model.config.vision_config.spatial_merge_size
+    frames, height, width = (int(x) for x in inputs[grid_key][0])
+    seconds = inputs.get("second_per_grid_ts")  # 1 s per temporal slice when not given, as transformers and vLLM take it
+    time_scale = (1.0 if seconds is None else float(seconds[0])) * getattr(model.config.vision_config, "tokens_per_second", 1)
+    with torch.no_grad():
+        (features, slices, _), = _item_features(model, inputs, kind)
+        merged = merge_frames(features, slices, config.merge_schedule)
+        rows = destination_mrope((slices, height // merge, width // merge), merged.index, time_scale)
+        where = (ids == placeholder).nonzero().flatten()
+        kept = merged.features.reshape(-1, features.shape[-1])
+        short = torch.cat([ids[: where[0]], torch.full((kept.shape[0],), placeholder), ids[where[-1] + 1:]])[None]
+        embeds = model.get_input_embeddings()(short)
+        embeds[short == placeholder] = kept.to(embeds.dtype)
+        contiguous_start = torch.arange(short.shape[1]).expand(3, -1)  # overwritten from the item on
+        positions = place_after_encoding(contiguous_start, short[0], model.config.vision_start_token_id, rows)
+        reference = model(inputs_embeds=embeds, position_ids=positions[:, None], attention_mask=torch.ones_like(short)).logits
+        apply_aim(model, config)
+        patched = model(**inputs).logits
+        contiguous = model(**inputs, aim_config=config.replace(merged_positions="contiguous")).logits
+    tail = 5
+    torch.testing.assert_close(patched[0, -tail:], reference[0, -tail:], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(contiguous[0, -tail:], reference[0, -tail:], rtol=1e-4, atol=1e-4)
+
+
+def test_destination_rows_keep_each_survivors_place_and_time():
+    # 3 slices of a 2 x 3 grid, 2 s per slice at 2 tokens per second: times 0, 4, 8
+    index = torch.tensor([[0, 4], [1, 5], [2, 3]])
+    rows = destination_mrope((3, 2, 3), index, time_scale=4.0)
+    assert rows[:, 0].tolist() == [0, 0, 4, 4, 8, 8]
+    assert rows[:, 1].tolist() == [0, 1, 0, 1, 0, 1]
+    assert rows[:, 2].tolist() == [0, 1, 1, 2, 2, 0]
+    # the largest position (time 8) + 1, as vLLM numbers it (transformers 5.24: after max(h, w) = 3)
+    assert set(rows[:, 3].tolist()) == {9}
+    assert set(destination_mrope((1, 4, 6), torch.tensor([[0, 23]]))[:, 3].tolist()) == {6}  # width 6
+    assert destination_mrope((2, 2, 2), torch.tensor([[0], [1]]), time_scale=0.75)[:, 0].tolist() == [0, 0]  # truncated
+    with pytest.raises(ValueError, match="survivor index outside"):
+        destination_mrope((1, 2, 2), torch.tensor([[4]]))
+    with pytest.raises(ValueError, match="index per frame"):
+        destination_mrope((2, 2, 2), torch.tensor([[0, 1]]))
 
 
 def test_unknown_position_rule_is_refused():

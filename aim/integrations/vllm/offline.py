@@ -45,13 +45,17 @@ def _vllm_name(key: str) -> str:
 
 
 def run(model: str, requests: list[dict], merge_keep: float | None, max_tokens: int, allowed_token_ids=None,
-        max_model_len: int = 2048, repeats: int = 1, video_pruning_rate: float | None = None) -> dict:
+        max_model_len: int = 2048, repeats: int = 1, video_pruning_rate: float | None = None,
+        merged_positions: str | None = None) -> dict:
     """Serve `requests` (module docstring); `video_pruning_rate`: vLLM's own EVS pruning of videos
-    (``--video-pruning-rate``, for the models that support it, e.g. Qwen2.5-VL)."""
+    (``--video-pruning-rate``, for the models that support it, e.g. Qwen2.5-VL); `merged_positions`:
+    the plugin's position rule (``aim_merged_positions``; default contiguous)."""
     import numpy as np
     from vllm import LLM, SamplingParams
 
     overrides = {"aim_merge_keep": merge_keep} if merge_keep is not None else {}
+    if merged_positions:
+        overrides["aim_merged_positions"] = merged_positions
     pruning = {"video_pruning_rate": video_pruning_rate} if video_pruning_rate else {}
     start = time.perf_counter()
     llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enforce_eager=True, seed=0,
@@ -107,12 +111,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="serve the batch this many times, report the fastest")
     parser.add_argument("--video-pruning-rate", type=float, default=None, help="vLLM's own EVS pruning of videos")
+    parser.add_argument("--merged-positions", default=None, choices=("contiguous", "destination"),
+                        help="the plugin's position rule for merged tokens (destination: Qwen2.5-VL)")
     parser.add_argument("--allowed-token-ids", default=None, help="comma-separated ids the answer may use")
     args = parser.parse_args(argv)
     requests = json.loads(Path(args.requests).read_text())
     allowed = [int(x) for x in args.allowed_token_ids.split(",")] if args.allowed_token_ids else None
     result = run(args.model, requests, args.merge_keep, args.max_tokens, allowed, repeats=args.repeats,
-                 video_pruning_rate=args.video_pruning_rate)
+                 video_pruning_rate=args.video_pruning_rate, merged_positions=args.merged_positions)
     Path(args.out).write_text(json.dumps(result))
     return 0
 

@@ -11,6 +11,8 @@ logger = logging.getLogger(__name__)
 
 KEEP_KEY = "aim_merge_keep"  # hf_overrides={"aim_merge_keep": 0.25}: merging on, halving steps
 SCHEDULE_KEY = "aim_merge_schedule"  # or explicit cumulative keep fractions, e.g. [0.5, 0.25]
+POSITIONS_KEY = "aim_merged_positions"  # "contiguous" (default) or "destination" (Qwen2.5-VL)
+POSITION_RULES = ("contiguous", "destination")
 
 
 def merge_schedule(hf_config: Any) -> tuple[float, ...]:
@@ -28,6 +30,25 @@ def merge_schedule(hf_config: Any) -> tuple[float, ...]:
     except (TypeError, ValueError) as error:
         raise ValueError(f"aim's vLLM plugin: bad merge setting in hf_overrides: {error}") from None
     return config.merge_schedule if any(k < 1.0 for k in config.merge_schedule) else ()
+
+
+def position_rule(hf_config: Any, family: str, destination_supported: bool) -> str:
+    """The deployment's position rule for merged tokens (``aim_merged_positions``).
+
+    ``"contiguous"`` (the default): merged tokens are numbered on without gaps, which vLLM can fix
+    when the prompt arrives. ``"destination"``: each merged token keeps its destination's position,
+    as `apply_aim`'s default does; vLLM can only renumber after encoding through its pruning
+    interface, which `family` must implement (Qwen2.5-VL does), else a clear error."""
+    rule = getattr(hf_config, POSITIONS_KEY, None) or "contiguous"
+    if rule not in POSITION_RULES:
+        raise ValueError(f"aim's vLLM plugin: {POSITIONS_KEY} must be one of {POSITION_RULES}, got {rule!r}")
+    if rule == "destination" and not destination_supported:
+        raise ValueError(
+            f"aim's vLLM plugin: {POSITIONS_KEY}='destination' needs vLLM to renumber positions after the "
+            f"encoder ran (its multimodal pruning interface), which vLLM's {family} does not offer; "
+            "use 'contiguous' (the default) or a Qwen2.5-VL model"
+        )
+    return rule
 
 
 def check_count(kind: str, produced: int, expected: int) -> None:
