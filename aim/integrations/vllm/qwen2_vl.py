@@ -10,9 +10,10 @@ Qwen2.5-VL can also keep aim's default rule, a merged token at its destination's
 (``aim_merged_positions="destination"``): vLLM renumbers a prompt after encoding only through its
 multimodal pruning interface (`recompute_mrope_positions`, which vLLM's Qwen2.5-VL implements for
 its EVS), and its model runner calls it only when the multimodal config enables video pruning. The
-model then switches that on (aim's merging is such a pruning), returns each merged token with its
-destination's ``[t, h, w]`` and where the text after the item resumes (`aim.positions.destination_mrope`),
-and vLLM's own recompute places them. Qwen2-VL has no such interface. Written for vLLM 0.32.
+model then switches that on (aim's merging is such a pruning), numbers the text as for the
+unmerged prompt before encoding, returns each merged token with its destination's ``[t, h, w]``
+and where the text after the item resumes (`aim.positions.destination_mrope`), and places them in
+its own `recompute_mrope_positions`. Qwen2-VL has no such interface. Written for vLLM 0.32.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ from ...counts import group_size_after_merge, merged_item_tokens
 from ...merge import merge_frames
 from ...positions import destination_mrope, mrope_resume
 from .settings import check_count, merge_schedule, position_rule
+
+
+BOTH_PRUNINGS = "aim's merging and vLLM's --video-pruning-rate (EVS) cannot both reduce the same video; choose one"
 
 
 def _destination(hf_config) -> bool:
@@ -88,7 +92,7 @@ class _ProcessorMixin:
         if not schedule:
             return updates
         if getattr(self.info.ctx.get_mm_config(), "video_pruning_rate", None) and not _destination(config):
-            raise ValueError("aim's merging and vLLM's --video-pruning-rate (EVS) cannot both reduce the same video; choose one")
+            raise ValueError(BOTH_PRUNINGS)
         merge_size = config.vision_config.spatial_merge_size
 
         def merged(update):
@@ -204,8 +208,7 @@ class AimQwen2_5_VLForConditionalGeneration(_ModelMixin, Qwen2_5_VLForConditiona
         if _destination(config):
             multimodal = vllm_config.model_config.get_multimodal_config()
             if multimodal.video_pruning_rate:
-                raise ValueError("aim's merging and vLLM's --video-pruning-rate (EVS) cannot both reduce the same "
-                                 "video; choose one")
+                raise ValueError(BOTH_PRUNINGS)
             # vLLM's model runner renumbers positions after encoding (recompute_mrope_positions)
             # only when video pruning is configured: aim's merging is one, at this rate
             multimodal.video_pruning_rate = 1.0 - merge_schedule(config)[-1]
@@ -232,7 +235,7 @@ class AimQwen2_5_VLForConditionalGeneration(_ModelMixin, Qwen2_5_VLForConditiona
         for offset, frames, height, width, t_factor in Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw(self, mm_features):
             parts.append(torch.arange(offset - done).expand(3, -1) + next_position)
             base = next_position + offset - done
-            count = frames * group_size_after_merge(height * width, schedule)
+            count = merged_item_tokens(height * width, frames, schedule)
             parts.append(torch.full((3, count), base))
             next_position, done = base + mrope_resume((frames, height, width), t_factor), offset + count
         parts.append(torch.arange(len(input_tokens) - done).expand(3, -1) + next_position)
