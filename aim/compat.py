@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 logger = logging.getLogger(__name__)
 
 # The lowest and the newest transformers release the whole test suite ran on (.ci/run runs both).
-TESTED_TRANSFORMERS: tuple[str, str] = ("5.21.0", "5.24.0")
+TESTED_TRANSFORMERS: tuple[str, str] = ("5.21.0", "5.25.0")
 CACHE_NAMES = ("cache", "past_key_values")  # new name first
 _warned: set[str] = set()
 

@@ -84,8 +84,8 @@ CHECKS = [
     Check("python benchmarks/accuracy_vs_flops.py --plot docs/accuracy_vs_flops.png",
           "python benchmarks/accuracy_vs_flops.py --quick --plot {tmp}/accuracy_vs_flops.png", needs="plot", says_extra=True),
     Check("python benchmarks/prefill.py --repeats 3", "python benchmarks/prefill.py --quick"),
-    Check("python benchmarks/kernels.py",
-          "python benchmarks/kernels.py --matching-tokens 3136 --giant-group 4096 --importance-tokens 512 --cpu-budget-s 5"),
+    Check("python benchmarks/kernel_speed.py",
+          "python benchmarks/kernel_speed.py --matching-tokens 3136 --giant-group 4096 --importance-tokens 512 --cpu-budget-s 5"),
     Check("python -m aim.integrations.lmms_eval.make_data out/study_eval --study",
           "python -m aim.integrations.lmms_eval.make_data {tmp}/study_eval --study --limit 8", needs="eval", says_extra=True),
     *[

@@ -94,3 +94,20 @@ def test_model_output_uses_this_release_field():
     output = compat.model_output("hidden", cache)
     assert compat.output_cache(output) is cache
     assert getattr(output, compat.OUTPUT_CACHE_FIELD) is cache
+
+
+def test_no_script_folder_shadows_an_installed_module():
+    # a script's folder is sys.path[0] when it runs (and pytest puts tests/ there): a file named like a
+    # module that transformers imports shadows it. benchmarks/kernels.py hid the hub's `kernels`,
+    # which transformers >= 5.25 imports on `import transformers.modeling_utils`, and every benchmark died.
+    import importlib.metadata
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    taken = set(sys.stdlib_module_names) | set(importlib.metadata.packages_distributions())
+    taken |= {"kernels", "triton", "vllm", "lmms_eval", "accelerate", "torchvision"}  # optional, maybe absent here
+    for folder in ("benchmarks", "tests", "docs"):
+        for path in (root / folder).glob("*"):
+            name = path.stem if path.suffix == ".py" else path.name if (path / "__init__.py").exists() else None
+            assert name not in taken, f"{path.relative_to(root)} shadows the module {name!r} for scripts run from its folder"

@@ -1,7 +1,7 @@
 """Triton kernels vs torch references: time and peak memory.
 
-    python benchmarks/kernels.py                 # defaults: the sizes below, bf16
-    python benchmarks/kernels.py --help
+    python benchmarks/kernel_speed.py            # defaults: the sizes below, bf16
+    python benchmarks/kernel_speed.py --help
 
 Matching (``best_match``, token merging): N visual tokens as frames of 196 tokens
 (one group per frame, Na = Nb = 98), plus single-group cases (Na = Nb = N/2).
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-# the repository root first: this script is itself named kernels.py, and its folder (sys.path[0]
-# when run as a script) must not shadow the `kernels` package; also lets a checkout run uninstalled
+# the repository root first: lets a checkout run uninstalled. (This script is not named kernels.py:
+# its folder is sys.path[0] and would shadow the hub's `kernels` package, which transformers >= 5.25
+# imports.)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aim.merge import best_match_reference  # noqa: E402
