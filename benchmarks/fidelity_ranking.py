@@ -1,15 +1,16 @@
 """Which label-free fidelity should rank a budget's settings? Measured on validation data, not test.
 
-A budget profile ranks its calibrated settings by greedy agreement with the unchanged model first
-and lower KL second (`aim.budget.profile.Point.fidelity`), as measured on the validation clips
-`aim calibrate` ran (the first 96 of the validation split for the shipped profile). This script
+A budget profile ranks its calibrated settings by a label-free fidelity (`aim.budget.profile.Fidelity`:
+lower KL of the next-token distribution first, greedy agreement with the unchanged model second), as
+measured on the validation clips `aim calibrate` ran (the first 96 of the validation split for the
+shipped profile). This script
 takes validation clips held out from that calibration (from clip 96 on) and measures, with their
 labels, the accuracy of aim's budgeted choice (``apply_aim(model, budget=b)``: frontier, keeps
 between calibrated ones, per-input costs) at each FLOPs budget under three ranking rules, each a
 re-ranked copy of the profile:
 
-    agreement, then KL          aim's rule
-    KL, then agreement
+    KL, then agreement          aim's rule (from this script's evidence; until 2026-12 it was the next)
+    agreement, then KL
     agreement bins, then KL     agreement rounded down to bins one standard error wide (at 50%
                                 agreement over the calibration's inputs: 5.1 points for 96), so
                                 that differences the calibration cannot resolve go to KL
@@ -39,26 +40,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy_vs_flops as avf  # noqa: E402
 from budget_accuracy import BUDGETS, spearman  # noqa: E402
 
-from aim.budget import PROFILE_FILE, Profile  # noqa: E402
+from aim.budget import PROFILE_FILE, Point, Profile  # noqa: E402
 from aim.study import data  # noqa: E402
 from aim.study.model import DEFAULT_MODEL_DIR, load_default_model  # noqa: E402
 
 CALIBRATION_CLIPS = 96  # the shipped profile's: validation clips 0..95
 
 
-RULES = ("agreement, then KL", "KL, then agreement", "agreement bins, then KL")
+RULES = ("KL, then agreement", "agreement, then KL", "agreement bins, then KL")
+
+
+def rule_key(point: Point, rule: str, calibration_inputs: int) -> tuple[float, float]:
+    """`point`'s sort key under `rule`, higher is better."""
+    if rule == RULES[0]:
+        return (-point.kl, point.agreement)
+    if rule == RULES[1]:
+        return (point.agreement, -point.kl)
+    width = math.sqrt(0.25 / calibration_inputs)
+    return (math.floor(point.agreement / width + 1e-9) * width, -point.kl)
 
 
 def ranked(profile: Profile, rule: str, calibration_inputs: int) -> Profile:
-    """A copy of `profile` whose points rank (``Point.fidelity``: agreement field first, then lower
-    KL field) by `rule`; costs unchanged, the frontier recomputed."""
-    if rule == RULES[0]:
-        return profile
-    if rule == RULES[1]:
-        points = [dataclasses.replace(p, agreement=-p.kl, kl=-p.agreement) for p in profile.points]
-    else:
-        width = math.sqrt(0.25 / calibration_inputs)
-        points = [dataclasses.replace(p, agreement=math.floor(p.agreement / width + 1e-9) * width) for p in profile.points]
+    """A copy of `profile` whose points rank by `rule`; costs unchanged, the frontier recomputed.
+    aim ranks by ``Point.fidelity`` = ``(-kl, agreement)``, so each point's two fields are
+    overwritten with the rule's key (made monotone per family like the measured values)."""
+    points = []
+    for p in profile.points:
+        first, second = rule_key(p, rule, calibration_inputs)
+        points.append(dataclasses.replace(p, kl=-first, agreement=second))
+        assert tuple(points[-1].fidelity) == (first, second), "aim's ranking changed: update rule_key / ranked"
     return Profile(model=profile.model, device=profile.device, points=points, latency=profile.latency,
                    inputs=profile.inputs)
 

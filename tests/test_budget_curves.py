@@ -11,7 +11,7 @@ import torch
 
 from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim import flops as F
-from aim.budget import Budget, LatencyModel, Point, Profile, Selector, model_fingerprint, monotone_fidelity
+from aim.budget import Budget, Fidelity, LatencyModel, Point, Profile, Selector, model_fingerprint, monotone_fidelity
 from aim.budget.curves import KEEP_STEP, MAX_GAP, keep_curves
 from aim.budget.select import input_spec
 from aim.budget.space import setting_name
@@ -64,8 +64,9 @@ def test_a_budget_between_two_calibrated_keeps_runs_the_largest_keep_that_fits(m
     # the interpolated fidelity lies between the neighbours'
     curve = keep_curves(profile, NUM_LAYERS)[0]
     fidelity, _ = curve.between(1, keep)
-    assert 0.80 < fidelity[0] < 0.90 and -0.3 < fidelity[1] < -0.1
-    assert fidelity == pytest.approx((0.80 + 0.10 * (keep - 0.35) / 0.15, -0.3 + 0.2 * (keep - 0.35) / 0.15))
+    assert 0.80 < fidelity.agreement < 0.90 and -0.3 < fidelity.negative_kl < -0.1
+    assert fidelity == pytest.approx(Fidelity(negative_kl=-0.3 + 0.2 * (keep - 0.35) / 0.15,
+                                              agreement=0.80 + 0.10 * (keep - 0.35) / 0.15))
 
 
 def test_a_calibrated_point_more_faithful_than_the_interpolation_wins(model):
@@ -85,7 +86,7 @@ def test_merging_alone_runs_up_to_the_unchanged_model_and_wide_gaps_are_not_inte
     by_first = {c.members[0].point.name: [m.keep for m in c.members] for c in curves}
     assert by_first == {"merge 0.8": [0.8, 1.0], "merge 0.25 (pool)": [0.25, 0.5, 1.0]}
     # toward the unchanged model the merge stage still runs: merging's time scale, not a blend
-    assert curves[0].between(0, 0.9) == (pytest.approx((0.95, -0.05)), 1.2)
+    assert curves[0].between(0, 0.9) == (pytest.approx(Fidelity(negative_kl=-0.05, agreement=0.95)), 1.2)
     assert [curves[1].spans(i) for i in range(2)] == [0.25 <= MAX_GAP, 0.5 <= MAX_GAP] == [False, False]
     selector = Selector(profile, F.load_model(model.config))
     choice = selector.choose(Budget(flops=0.95), [SPEC])

@@ -18,7 +18,7 @@ import importlib
 # name -> submodule; imported on first use so that `aim --help` / `aim flops` need no torch
 _EXPORTS = {
     "calibrate": "calibration",
-    "PROFILE_FILE": "profile", "LatencyModel": "profile", "Point": "profile", "Profile": "profile",
+    "PROFILE_FILE": "profile", "Fidelity": "profile", "LatencyModel": "profile", "Point": "profile", "Profile": "profile",
     "model_fingerprint": "profile", "monotone_fidelity": "profile", "pareto_frontier": "profile",
     "Budget": "select", "Choice": "select", "LoadTracker": "select", "Selector": "select",
     "Candidate": "space", "config_space": "space",

@@ -24,6 +24,9 @@ def add_calibrate_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--examples", type=int, default=24, help="validation clips for the default model (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting and input (median kept)")
     parser.add_argument("--out", default=None, help=f"profile to write (default: MODEL_PATH/{PROFILE_FILE})")
+    parser.add_argument("--show", nargs="?", const="", default=None, metavar="PROFILE",
+                        help=f"print a profile's frontier and latency model instead of calibrating "
+                             f"(default: MODEL_PATH/{PROFILE_FILE}); runs nothing")
     return parser
 
 
@@ -46,6 +49,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate
 
     path = Path(args.model_path) if args.model_path else DEFAULT_MODEL_DIR
+    if args.show is not None:
+        shown = Path(args.show) if args.show else path / PROFILE_FILE
+        if not shown.is_file():
+            raise ValueError(f"no AIM profile at {shown}: run `aim calibrate` to make one, or give its path to --show")
+        print(format_profile(Profile.load(shown)))
+        return 0
     if args.data is None:
         if not (path / "training.json").is_file():
             raise ValueError(f"{path} is not a study model: give your inputs with --data inputs.pt")
@@ -76,13 +85,13 @@ def format_profile(profile: Profile) -> str:
     lines = [f"Profile of {profile.model['model_type']} ({profile.model['num_layers']} layers) on {profile.device}, "
              f"from {profile.inputs}: {len(profile.points)} settings, {len(profile.frontier)} on the frontier",
              "",
-             "agreement and KL as the frontier ranks them: made monotone in the merge keep fraction within each "
+             "KL and agreement as the frontier ranks them (lower KL first): made monotone in the merge keep fraction within each "
              "setting (measured values in brackets where they differ)",
              "",
              f"{'frontier setting':<46} {'FLOPs':>7} {'agreement':>17} {'KL (nats)':>19} {'prefill ms':>11} {'time scale':>11}"]
     fidelity = monotone_fidelity(profile.points)
     for point in profile.frontier:
-        agreement, kl = fidelity[point.name][0], -fidelity[point.name][1]
+        agreement, kl = fidelity[point.name].agreement, -fidelity[point.name].negative_kl
         measured_agreement = f"({point.agreement:.1%})" if abs(agreement - point.agreement) > 5e-4 else ""
         measured_kl = f"({point.kl:.4f})" if abs(kl - point.kl) > 5e-5 else ""
         lines.append(f"{point.name:<46} {point.flops_fraction:>7.1%} {agreement:>8.1%} {measured_agreement:>8} "

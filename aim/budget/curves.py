@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import AIMConfig
-from .profile import Point, Profile, keep_families, monotone_fidelity
+from .profile import Fidelity, Point, Profile, keep_families, monotone_fidelity
 
 KEEP_STEP = 0.001  # the grid of solved keep fractions (readable names, repeatable predictions)
 # the widest gap between calibrated keep fractions that is interpolated across (the widest of the
@@ -33,7 +33,7 @@ class Member:
 
     keep: float
     point: Point
-    fidelity: tuple[float, float]
+    fidelity: Fidelity
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,17 @@ class KeepCurve:
         """The family's setting at merge keep fraction `keep` (< 1)."""
         return self.base.replace(merge_keep=keep)
 
-    def between(self, lower: int, keep: float) -> tuple[tuple[float, float], float]:
+    def between(self, lower: int, keep: float) -> tuple[Fidelity, float]:
         """``(fidelity, latency scale)`` at `keep`, interpolated linearly between members `lower`
         and ``lower + 1``."""
         lo, hi = self.members[lower], self.members[lower + 1]
         t = (keep - lo.keep) / (hi.keep - lo.keep)
-        fidelity = tuple(a + (b - a) * t for a, b in zip(lo.fidelity, hi.fidelity))
+        fidelity = Fidelity(*(a + (b - a) * t for a, b in zip(lo.fidelity, hi.fidelity)))
         if hi.keep < 1.0:
             scale = lo.point.latency_scale + (hi.point.latency_scale - lo.point.latency_scale) * t
         else:  # any keep below 1 runs the merge stage, which a member without merging does not time
             scale = lo.point.latency_scale
-        return (fidelity[0], fidelity[1]), scale
+        return fidelity, scale
 
     def spans(self, lower: int) -> bool:
         """Whether keep fractions between members `lower` and ``lower + 1`` may be interpolated."""

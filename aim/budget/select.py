@@ -40,7 +40,7 @@ from ..config import AIMConfig
 from ..flops import InputSpec, ModelSpec
 from ..flops.cost import estimate
 from .curves import KEEP_STEP, keep_curves
-from .profile import Point, Profile, monotone_fidelity
+from .profile import Fidelity, Point, Profile, monotone_fidelity
 from .space import costs, setting_name
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class Selector:
         if self.curves:
             # also a calibrated point off the frontier: the frontier ranks settings by their mean cost
             # on the calibration inputs, and this input may order them otherwise
-            floor = self._fidelity[best[0]] if best is not None else (-math.inf, -math.inf)
+            floor = self._fidelity[best[0]] if best is not None else Fidelity(-math.inf, -math.inf)
             best = self._between_calibrated(cost, limit, floor) or best
         if best is None and budget.ms is not None and self.load.observations == 0:
             # no prefill measured on this machine yet: the prediction comes from the calibrating
@@ -285,7 +285,7 @@ class Selector:
         name, make_config, fraction, seconds = best
         return Choice(budget, name, make_config(), fraction, seconds, load, margin)
 
-    def _between_calibrated(self, cost, limit: float, floor: tuple[float, float]):
+    def _between_calibrated(self, cost, limit: float, floor: Fidelity):
         """The most faithful setting on a family's curve that fits `limit`, when its (interpolated)
         fidelity is strictly above `floor`: ``(name, config factory, FLOPs fraction, seconds)`` or
         None.
