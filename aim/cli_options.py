@@ -9,7 +9,7 @@ from .config import AIMConfig
 
 def add_aim_options(parser: argparse.ArgumentParser) -> None:
     """``--merge-keep``, ``--prune-start``, ``--prune-step``, ``--temporal-keep``, ``--prune-action``,
-    ``--no-merge``, ``--no-prune``."""
+    ``--proportional-attention``, ``--no-merge``, ``--no-prune``."""
     parser.add_argument("--merge-keep", type=float, default=None,
                         help="fraction of each frame's tokens merging keeps (default 0.25)")
     parser.add_argument("--prune-start", type=int, default=None,
@@ -24,6 +24,8 @@ def add_aim_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-action", choices=("drop", "merge"), default=None,
                         help="what happens to pruned visual tokens: drop (default) or merge into the most "
                              "similar kept one")
+    parser.add_argument("--proportional-attention", action="store_true",
+                        help="attention to a merged token gets log(its size) added, as ToMe does (default: off)")
     parser.add_argument("--no-merge", action="store_true", help="no merging before the LLM (pruning only)")
     parser.add_argument("--no-prune", action="store_true", help="no pruning inside the LLM (merging only)")
 
@@ -48,6 +50,8 @@ def aim_overrides(args: argparse.Namespace) -> dict:
         overrides["temporal_keep"] = args.temporal_keep
     if args.prune_action is not None:
         overrides["prune_action"] = args.prune_action
+    if args.proportional_attention:
+        overrides["proportional_attention"] = True
     return overrides
 
 

@@ -100,6 +100,12 @@ class AIMConfig:
             them without gaps, as the official AIM code and aim's vLLM plugin do (vLLM fixes
             positions before the encoder runs): 1-D RoPE counts on, 3-D M-RoPE lays each frame's
             tokens out as one row (`aim.positions`). Decoding continues after the last position.
+        proportional_attention: ToMe's proportional attention: a token that stands for ``s``
+            merged tokens (merging before the LLM, or ``prune_action="merge"``) gets ``log(s)`` added
+            to its attention logits as a key, in every layer and every later decoding step, so it
+            draws the attention its ``s`` tokens would have drawn together (exactly so for ``s``
+            identical tokens at one position). Off by default; `benchmarks/proportional_attention.py`
+            measures it.
     """
 
     enabled: bool = True
@@ -120,6 +126,7 @@ class AIMConfig:
     temporal_window: int = 1
     prune_action: str = "drop"
     merged_positions: str = "destination"
+    proportional_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.merge_keep is not None:
@@ -167,6 +174,8 @@ class AIMConfig:
             raise ValueError(f"prune_action must be one of {PRUNE_ACTIONS}, got {self.prune_action!r}")
         if self.merged_positions not in MERGED_POSITIONS:
             raise ValueError(f"merged_positions must be one of {MERGED_POSITIONS}, got {self.merged_positions!r}")
+        if not isinstance(self.proportional_attention, bool):
+            raise ValueError(f"proportional_attention must be True or False, got {self.proportional_attention!r}")
 
     def _check_temporal(self) -> None:
         self.temporal_keep = float(self.temporal_keep)
@@ -272,8 +281,9 @@ class AIMConfig:
             merge = f"temporal merging into {window} before ({when}), then {merge}"
         ratios = self.keep_ratios(num_layers)
         pruned = [(layer, r) for layer, r in enumerate(ratios) if r < 1.0]
+        proportional = "; proportional attention to merged tokens" if self.proportional_attention else ""
         if not pruned:
-            return f"{merge}; no pruning"
+            return f"{merge}; no pruning{proportional}"
         ranking = {"pagerank": "PageRank", "last_token": "last-token attention", "random": "random ranks"}
         shown = []
         for layer, r in pruned:
@@ -285,7 +295,7 @@ class AIMConfig:
         if self.prune_action == "merge":
             mode += ", pruned tokens merged into the most similar kept one"
         return f"{merge}; pruning by {ranking[self.prune_method]}{mode} keeps " + ", ".join(shown) + \
-            f" of the visual tokens entering the {num_layers}-layer LLM"
+            f" of the visual tokens entering the {num_layers}-layer LLM" + proportional
 
     def check_depth(self, num_layers: int) -> None:
         """Raise a clear error if the schedule does not fit a model of `num_layers` layers."""

@@ -32,7 +32,7 @@ from .prune import pagerank_importance, select_tokens
 from .reduce import merge_before_llm, merge_pruned
 from .stats import AIMStats
 from .context import capture_request, current_call
-from .tokens import CacheState, TokenSet, aim_state_of, as_aim_cache, attention_mask_4d
+from .tokens import CacheState, TokenSet, aim_state_of, as_aim_cache, attention_mask_4d, key_log_sizes, proportional_mask
 
 # outputs that would need every layer at full length (MoE router logits: their auxiliary loss)
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_router_logits")
@@ -160,7 +160,10 @@ class AIMTextForward:
 
         stats_rows: list[tuple[list[int], list[int], int]] = []
         new_layer_valid: list[torch.Tensor] = []
-        masks: dict = {}  # (layout version, cached part) -> (key validity, 4-D mask), shared by layers
+        # proportional attention: asked for by this call, or kept by the cache its prompt filled
+        proportional = (config.enabled and config.proportional_attention) or bool(state and state.layer_log_sizes is not None)
+        new_layer_log_sizes: list[torch.Tensor] = []
+        masks: dict = {}  # (layout version, cached part) -> (key validity, key log sizes, 4-D mask), shared by layers
         sdpa = getattr(model.config, "_attn_implementation", "eager") == "sdpa"
         captured: dict = {}
         head_dim = 0
@@ -189,8 +192,12 @@ class AIMTextForward:
             mask_key = (tokens.version, id(layer_past))  # layer_past stays referenced: ids are stable
             if mask_key not in masks:
                 key_valid = tokens.valid if layer_past is None else torch.cat([layer_past, tokens.valid], dim=1)
-                masks[mask_key] = (key_valid, _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, sdpa and layer_past is None))
-            key_valid, mask = masks[mask_key]
+                if proportional:
+                    log_sizes = key_log_sizes(tokens, layer_past, state.layer_log_sizes[idx] if state and state.layer_log_sizes else None)
+                    masks[mask_key] = (key_valid, log_sizes, proportional_mask(key_valid, log_sizes, tokens.valid.shape[1], tokens.hidden.dtype))
+                else:
+                    masks[mask_key] = (key_valid, None, _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, sdpa and layer_past is None))
+            key_valid, log_sizes, mask = masks[mask_key]
             if wants_ranking:
                 head_dim = layer.self_attn.head_dim
             recorder = (
@@ -209,6 +216,8 @@ class AIMTextForward:
             if extras is not None and idx < len(additions):
                 _add_visual(tokens, idx)
             new_layer_valid.append(key_valid)
+            if proportional:
+                new_layer_log_sizes.append(log_sizes)
             stats_rows.append(([t + v for t, v in zip(text_counts, current)], list(current), tokens.valid.shape[1]))
 
         hidden = model.norm(tokens.outputs())
@@ -217,6 +226,7 @@ class AIMTextForward:
                 state = CacheState(past_len, [], owner_active=_patched(controller.multimodal))
             state.seen_tokens, state.layer_valid = past_len + length, new_layer_valid
             state.position_shift = shift
+            state.layer_log_sizes = new_layer_log_sizes if proportional else None
             cache = as_aim_cache(cache, state)
         if layout is not None or not continues_aim_cache:
             _publish(controller, call, _stats(

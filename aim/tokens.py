@@ -30,14 +30,21 @@ class CacheState:
     owner_active: Callable[[], bool] = lambda: True
     # per prompt, how far later positions move (``merged_positions="contiguous"``, `aim.positions`)
     position_shift: torch.Tensor | None = None
+    # per layer, log of how many input tokens each cached entry stands for (``(batch, entries)``),
+    # kept where the prompt ran with proportional attention: later steps add it to their logits
+    layer_log_sizes: list[torch.Tensor] | None = None
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.layer_valid = [v.index_select(0, index.to(v.device)) for v in self.layer_valid]
+        if self.layer_log_sizes is not None:
+            self.layer_log_sizes = [v.index_select(0, index.to(v.device)) for v in self.layer_log_sizes]
         if self.position_shift is not None:
             self.position_shift = self.position_shift.index_select(0, index.to(self.position_shift.device))
 
     def repeat_rows(self, repeats: int) -> None:
         self.layer_valid = [v.repeat_interleave(repeats, dim=0) for v in self.layer_valid]
+        if self.layer_log_sizes is not None:
+            self.layer_log_sizes = [v.repeat_interleave(repeats, dim=0) for v in self.layer_log_sizes]
         if self.position_shift is not None:
             self.position_shift = self.position_shift.repeat_interleave(repeats, dim=0)
 
@@ -45,6 +52,8 @@ class CacheState:
         # transformers only crops from the end (negative counts): the same decoded tokens in every layer
         if tokens_to_remove < 0:
             self.layer_valid = [v[:, :tokens_to_remove] for v in self.layer_valid]
+            if self.layer_log_sizes is not None:
+                self.layer_log_sizes = [v[:, :tokens_to_remove] for v in self.layer_log_sizes]
             self.seen_tokens += tokens_to_remove
 
 
@@ -192,3 +201,23 @@ def attention_mask_4d(key_valid: torch.Tensor, query_len: int, dtype: torch.dtyp
     allowed = (key_pos[None, :] <= query_pos[:, None])[None] & key_valid[:, None, :]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def proportional_mask(key_valid: torch.Tensor, log_sizes: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """`attention_mask_4d` with ToMe's proportional attention: each visible key's logits get the
+    log of how many input tokens it stands for (``log_sizes``, ``(batch, keys)``), so that a
+    token merged from ``s`` draws the attention its ``s`` tokens would have drawn together."""
+    mask = attention_mask_4d(key_valid, query_len, dtype)
+    bias = log_sizes.to(device=mask.device, dtype=dtype)[:, None, None, :]
+    return torch.where(mask == 0, bias, mask)
+
+
+def key_log_sizes(tokens: "TokenSet", layer_past: torch.Tensor | None, past_log_sizes: torch.Tensor | None) -> torch.Tensor:
+    """Log of how many input tokens each of a layer's keys stands for: the cached entries' (0 for
+    a cache filled without proportional attention), then this chunk's slots'."""
+    current = tokens.sizes.log()
+    if layer_past is None:
+        return current
+    if past_log_sizes is None:
+        past_log_sizes = torch.zeros(layer_past.shape, dtype=current.dtype, device=current.device)
+    return torch.cat([past_log_sizes.to(current.device), current], dim=1)
