@@ -160,8 +160,12 @@ class AIMTextForward:
 
         stats_rows: list[tuple[list[int], list[int], int]] = []
         new_layer_valid: list[torch.Tensor] = []
-        # proportional attention: asked for by this call, or kept by the cache its prompt filled
-        proportional = (config.enabled and config.proportional_attention) or bool(state and state.layer_log_sizes is not None)
+        # proportional attention: asked for by a call that merges (elsewhere every size is 1, and
+        # sdpa keeps its causal kernels), or kept by the cache its prompt filled, which then
+        # decides for every later step and chunk, whatever their config says
+        merges = bool(config.merge_schedule) or config.temporal_merging or config.prune_action == "merge"
+        proportional = (config.enabled and config.proportional_attention and merges) or bool(
+            state and state.layer_log_sizes is not None)
         new_layer_log_sizes: list[torch.Tensor] = []
         masks: dict = {}  # (layout version, cached part) -> (key validity, key log sizes, 4-D mask), shared by layers
         sdpa = getattr(model.config, "_attn_implementation", "eager") == "sdpa"
@@ -189,11 +193,13 @@ class AIMTextForward:
             )
 
             layer_past = state.layer_valid[idx] if state else past_valid
-            mask_key = (tokens.version, id(layer_past))  # layer_past stays referenced: ids are stable
+            past_log_sizes = state.layer_log_sizes[idx] if state and state.layer_log_sizes else None
+            # layer_past and past_log_sizes stay referenced: ids are stable
+            mask_key = (tokens.version, id(layer_past), id(past_log_sizes))
             if mask_key not in masks:
                 key_valid = tokens.valid if layer_past is None else torch.cat([layer_past, tokens.valid], dim=1)
                 if proportional:
-                    log_sizes = key_log_sizes(tokens, layer_past, state.layer_log_sizes[idx] if state and state.layer_log_sizes else None)
+                    log_sizes = key_log_sizes(tokens, layer_past, past_log_sizes)
                     masks[mask_key] = (key_valid, log_sizes, proportional_mask(key_valid, log_sizes, tokens.valid.shape[1], tokens.hidden.dtype))
                 else:
                     masks[mask_key] = (key_valid, None, _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, sdpa and layer_past is None))

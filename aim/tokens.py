@@ -4,7 +4,8 @@
 padding, not removed) and whether it is visual. In ``"remove"`` mode, removal compacts the
 slots into a shorter, left-padded tensor; in ``"mask"`` mode they are only marked invalid.
 `CacheState` remembers, per layer, which cached entries are valid keys, so decoding steps
-attend to exactly what each layer kept.
+attend to exactly what each layer kept (and, with proportional attention, how many input tokens
+each entry stands for).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from transformers.cache_utils import DynamicCache
 @dataclass
 class CacheState:
     """What a KV cache filled by AIM must remember: tokens seen in original positions and,
-    per layer, which of its cached slots are valid keys (``(batch, entries)`` bool).
+    per layer, which of its cached slots are valid keys (``(batch, entries)`` bool) and, where the
+    prompt ran with proportional attention, the log of each entry's size.
 
     `owner_active` tells whether the model that filled the cache still runs AIM: after
     `remove_aim` the unpatched model cannot continue such a cache (its layers hold different
@@ -63,7 +65,7 @@ class AIMCache(DynamicCache):
     Written for transformers 5.21-5.24 caches. Its length is reported in original positions:
     generate() and Qwen2-VL's rope deltas read ``get_seq_length()`` as a position, not as an entry
     count. Batch edits (beam reordering, batch expansion, cropping) keep the per-layer validity
-    masks in step. The engine turns the `DynamicCache` a call brings into one of these in place
+    masks (and log sizes) in step. The engine turns the `DynamicCache` a call brings into one of these in place
     (`as_aim_cache`), so every holder of that object (generate, the caller) sees the same cache.
     """
 
@@ -195,21 +197,26 @@ def attention_mask_4d(key_valid: torch.Tensor, query_len: int, dtype: torch.dtyp
     The queries are the last `query_len` key slots. A finite minimum (not -inf) keeps rows
     without any visible key (padding) finite in both eager and sdpa attention.
     """
+    allowed = _allowed(key_valid, query_len)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def _allowed(key_valid: torch.Tensor, query_len: int) -> torch.Tensor:
+    """``(batch, query, key)``: which keys each of the last `query_len` slots may attend to."""
     keys = key_valid.shape[1]
     key_pos = torch.arange(keys, device=key_valid.device)
     query_pos = torch.arange(keys - query_len, keys, device=key_valid.device)
-    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & key_valid[:, None, :]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    return (key_pos[None, :] <= query_pos[:, None])[None] & key_valid[:, None, :]
 
 
 def proportional_mask(key_valid: torch.Tensor, log_sizes: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
     """`attention_mask_4d` with ToMe's proportional attention: each visible key's logits get the
     log of how many input tokens it stands for (``log_sizes``, ``(batch, keys)``), so that a
     token merged from ``s`` draws the attention its ``s`` tokens would have drawn together."""
-    mask = attention_mask_4d(key_valid, query_len, dtype)
-    bias = log_sizes.to(device=mask.device, dtype=dtype)[:, None, None, :]
-    return torch.where(mask == 0, bias, mask)
+    allowed = _allowed(key_valid, query_len)
+    bias = log_sizes.to(device=allowed.device, dtype=dtype)[:, None, :]
+    return torch.where(allowed, bias, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def key_log_sizes(tokens: "TokenSet", layer_past: torch.Tensor | None, past_log_sizes: torch.Tensor | None) -> torch.Tensor:

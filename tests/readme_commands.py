@@ -81,6 +81,7 @@ CHECKS = [
           "python benchmarks/budget_latency.py --threads 1 --load-processes 2 --budget-fraction 1.25 --quick"),
     Check("python benchmarks/budget_accuracy.py", "python benchmarks/budget_accuracy.py --quick"),
     Check("python benchmarks/fidelity_ranking.py", "python benchmarks/fidelity_ranking.py --quick"),
+    Check("python benchmarks/proportional_attention.py", "python benchmarks/proportional_attention.py --quick"),
     Check("python -m aim.study.evaluate --aim", "python -m aim.study.evaluate --aim --n 16"),
     Check("python benchmarks/accuracy_vs_flops.py --plot docs/accuracy_vs_flops.png",
           "python benchmarks/accuracy_vs_flops.py --quick --plot {tmp}/accuracy_vs_flops.png", needs="plot", says_extra=True),

@@ -132,3 +132,61 @@ def test_option_is_validated_described_and_on_the_command_line():
     add_aim_options(parser)
     assert aim_config(parser.parse_args(["--proportional-attention"])).proportional_attention
     assert not aim_config(parser.parse_args([])).proportional_attention
+
+
+def test_budget_space_offers_it_with_merging_alone():
+    from aim.budget.space import config_space
+
+    space = {c.name: c.config for c in config_space(12)}
+    proportional = {name: config for name, config in space.items() if config.proportional_attention}
+    assert "merge 0.1, proportional" in proportional and "temporal 0.25, merge 0.1, proportional" in proportional
+    assert all(not config.prune and "proportional" in name for name, config in proportional.items())
+    assert all(name.replace(", proportional", "") in space for name in proportional)  # beside its plain twin
+
+
+def test_cache_edits_keep_the_log_sizes_in_step():
+    from aim.compat import output_cache
+
+    model = tiny("llava_onevision")
+    apply_aim(model, **PROPORTIONAL)
+    inputs = make_inputs(model, kind="video", batch_size=2, text_lengths=(3, 8))
+    with torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+    state = cache.aim_state
+
+    def in_step():
+        return [v.shape for v in state.layer_log_sizes] == [v.shape for v in state.layer_valid]
+
+    assert in_step() and max(float(v.max()) for v in state.layer_log_sizes) > 0  # merged entries
+    row1 = [v[1].clone() for v in state.layer_log_sizes]
+    cache.batch_select_indices(torch.tensor([1]))
+    assert all(torch.equal(v[0], r) for v, r in zip(state.layer_log_sizes, row1)) and in_step()
+    cache.batch_repeat_interleave(2)
+    assert state.layer_log_sizes[0].shape[0] == 2 and in_step()
+    cache.crop(-3)
+    assert in_step()
+
+
+def test_the_cache_decides_for_later_steps():
+    """A cache filled with proportional attention keeps it for the steps that continue it, whatever
+    their config says; one filled without it gets none (its entries count as single tokens)."""
+    from aim.compat import cache_argument, output_cache
+
+    model = tiny("llava_onevision")
+    inputs = make_inputs(model, kind="video", batch_size=1, text_lengths=(5,))
+    apply_aim(model, **PROPORTIONAL)
+    next_token = torch.tensor([[9]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_token)], 1)
+    key = cache_argument(type(model).forward)
+
+    def step(fill: dict, follow: dict):
+        with torch.no_grad():
+            cache = output_cache(model(**inputs, use_cache=True, aim_config=fill))
+            return model(input_ids=next_token, attention_mask=mask, use_cache=True, aim_config=follow,
+                         **{key: cache}).logits[:, -1]
+
+    with_sizes = dict(PROPORTIONAL)
+    without = dict(PROPORTIONAL, proportional_attention=False)
+    torch.testing.assert_close(step(with_sizes, without), step(with_sizes, with_sizes))
+    torch.testing.assert_close(step(without, with_sizes), step(without, without))
+    assert not torch.allclose(step(with_sizes, with_sizes), step(without, without), rtol=1e-4, atol=1e-4)

@@ -42,14 +42,17 @@ def setting_name(config: AIMConfig, num_layers: int) -> str:
     if start is not None:
         gone = next((i for i, r in enumerate(ratios) if r <= 0.0), num_layers)
         parts.append(f"prune {start}-{gone}" + (" merged" if config.prune_action == "merge" else ""))
+    if config.proportional_attention and parts:
+        parts.append("proportional")
     return ", ".join(parts) or "off"
 
 
 def config_space(num_layers: int, video: bool = True) -> list[Candidate]:
     """The candidate configurations for a model of `num_layers` decoder layers: merge keep
     fractions (none to 5%), temporal merging for video, pruning from half, a quarter or three
-    quarters of depth (dropped or merged into kept tokens), and the pooling baseline; plus the
-    unchanged model ("off"). Names are unique."""
+    quarters of depth (dropped or merged into kept tokens), merging without pruning also with
+    proportional attention to the merged tokens, and the pooling baseline; plus the unchanged
+    model ("off"). Names are unique."""
     half, end = default_prune_start_end(num_layers)
     prunes: list[dict] = [dict(prune=False)]
     for start in sorted({max(1, num_layers // 4), half, max(1, (3 * num_layers) // 4)}):
@@ -68,7 +71,12 @@ def config_space(num_layers: int, video: bool = True) -> list[Candidate]:
                 config = AIMConfig(temporal_keep=temporal, **schedule, **prune)
                 if config.is_identity(num_layers):
                     continue
-                seen.setdefault(setting_name(config, num_layers), Candidate(setting_name(config, num_layers), config))
+                # proportional attention with merging alone: where it pays on the study model
+                # (benchmarks/proportional_attention.py); with pruning it would double the space
+                variants = (config, config.replace(proportional_attention=True)) if not config.prune else (config,)
+                for variant in variants:
+                    name = setting_name(variant, num_layers)
+                    seen.setdefault(name, Candidate(name, variant))
     for keep in (0.25, 0.1):  # the pooling baseline, where it helps (square frame grids)
         config = AIMConfig(merge_keep=keep, merge_method="pool", prune=False)
         seen.setdefault(setting_name(config, num_layers), Candidate(setting_name(config, num_layers), config))
