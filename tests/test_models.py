@@ -183,6 +183,11 @@ def test_every_decoding_step_runs_on_the_cache_it_was_given(family, kind, caplog
 def test_padded_batch_equals_each_prompt_alone(family, kind):
     model = tiny(family)
     apply_aim(model, **PRUNING)
+    assert_padded_batch_equals_each_prompt_alone(model, kind)
+
+
+def assert_padded_batch_equals_each_prompt_alone(model, kind: str) -> None:
+    """Logits and greedy tokens of a left-padded batch of two equal each prompt's alone."""
     batch = make_inputs(model, kind=kind, batch_size=2, text_lengths=(3, 11), seed=7)
     with torch.no_grad():
         together = model.generate(**batch, **GREEDY)[:, -8:]
@@ -272,24 +277,31 @@ def test_unsupported_runtime_options_are_errors():
         model.model.language_model.config._attn_implementation = "sdpa"
 
 
-def test_cache_edits_keep_the_per_layer_masks_in_step():
+@pytest.mark.parametrize("proportional", [False, True])
+def test_cache_edits_keep_the_per_layer_masks_in_step(proportional):
     model = tiny("llava_onevision")
-    apply_aim(model, **PRUNING)
+    apply_aim(model, **PRUNING, prune_action="merge", proportional_attention=proportional)
     inputs = make_inputs(model, kind="video", batch_size=2, text_lengths=(3, 8))
     with torch.no_grad():
         cache = output_cache(model(**inputs, use_cache=True))
     state = cache.aim_state
     prompt = inputs["input_ids"].shape[1]
     assert cache.get_seq_length() == prompt  # original positions, not layer 0's entry count
+    # with proportional attention, the log of each entry's size follows its validity
+    sizes = state.layer_log_sizes
+    assert (sizes is not None) == proportional and (not proportional or max(float(v.max()) for v in sizes) > 0)
 
     def in_step():
         masks = [tuple(v.shape) for v in state.layer_valid]
-        return masks == [(layer.keys.shape[0], layer.keys.shape[2]) for layer in cache.layers]
+        same = masks == [tuple(v.shape) for v in state.layer_log_sizes] if proportional else True
+        return same and masks == [(layer.keys.shape[0], layer.keys.shape[2]) for layer in cache.layers]
 
     assert in_step()
-    row1 = [v[1].clone() for v in state.layer_valid]
+    rows = [[v[1].clone() for v in kept] for kept in (state.layer_valid, state.layer_log_sizes or [])]
     cache.batch_select_indices(torch.tensor([1]))
-    assert [v[0].tolist() for v in state.layer_valid] == [r.tolist() for r in row1] and in_step()
+    for kept, row in zip((state.layer_valid, state.layer_log_sizes or []), rows):
+        assert all(torch.equal(v[0], r) for v, r in zip(kept, row))
+    assert in_step()
     cache.batch_repeat_interleave(2)
     assert state.layer_valid[0].shape[0] == 2 and in_step()
     cache.crop(-3)

@@ -12,7 +12,7 @@ from aim import AIMConfig, apply_aim, last_stats
 from aim.cli_options import add_aim_options, aim_config
 from aim.tiny import build_tiny_model, make_inputs
 from aim.tokens import proportional_mask
-from test_models import GREEDY, logits, tiny
+from test_models import GREEDY, assert_padded_batch_equals_each_prompt_alone, logits, tiny
 
 PROPORTIONAL = dict(merge_keep=0.5, prune_keep_ratios=(1.0, 0.5, 0.25, 0.0), prune_action="merge",
                     proportional_attention=True)
@@ -108,17 +108,7 @@ def test_decoding_from_the_cache_equals_recomputation(family, kind):
 def test_padded_batch_equals_each_prompt_alone(family, kind):
     model = tiny(family)
     apply_aim(model, **PROPORTIONAL)
-    batch = make_inputs(model, kind=kind, batch_size=2, text_lengths=(3, 11), seed=7)
-    with torch.no_grad():
-        together = model.generate(**batch, **GREEDY)[:, -8:]
-        together_logits = model(**batch).logits[:, -1]
-    for i, length in enumerate((3, 11)):
-        alone = make_inputs(model, kind=kind, batch_size=1, text_lengths=(length,), seed=7, first_sample=i)
-        with torch.no_grad():
-            alone_ids = model.generate(**alone, **GREEDY)[:, -8:]
-            alone_logits = model(**alone).logits[:, -1]
-        torch.testing.assert_close(together_logits[i], alone_logits[0], rtol=1e-4, atol=1e-4)
-        assert together[i].tolist() == alone_ids[0].tolist()
+    assert_padded_batch_equals_each_prompt_alone(model, kind)
 
 
 def test_option_is_validated_described_and_on_the_command_line():
@@ -142,29 +132,6 @@ def test_budget_space_offers_it_with_merging_alone():
     assert "merge 0.1, proportional" in proportional and "temporal 0.25, merge 0.1, proportional" in proportional
     assert all(not config.prune and "proportional" in name for name, config in proportional.items())
     assert all(name.replace(", proportional", "") in space for name in proportional)  # beside its plain twin
-
-
-def test_cache_edits_keep_the_log_sizes_in_step():
-    from aim.compat import output_cache
-
-    model = tiny("llava_onevision")
-    apply_aim(model, **PROPORTIONAL)
-    inputs = make_inputs(model, kind="video", batch_size=2, text_lengths=(3, 8))
-    with torch.no_grad():
-        cache = output_cache(model(**inputs, use_cache=True))
-    state = cache.aim_state
-
-    def in_step():
-        return [v.shape for v in state.layer_log_sizes] == [v.shape for v in state.layer_valid]
-
-    assert in_step() and max(float(v.max()) for v in state.layer_log_sizes) > 0  # merged entries
-    row1 = [v[1].clone() for v in state.layer_log_sizes]
-    cache.batch_select_indices(torch.tensor([1]))
-    assert all(torch.equal(v[0], r) for v, r in zip(state.layer_log_sizes, row1)) and in_step()
-    cache.batch_repeat_interleave(2)
-    assert state.layer_log_sizes[0].shape[0] == 2 and in_step()
-    cache.crop(-3)
-    assert in_step()
 
 
 def test_the_cache_decides_for_later_steps():
