@@ -241,7 +241,7 @@ class Selector:
             return (fraction if budget.flops is not None else seconds * margin * 1000.0), fraction, seconds
 
         # the frontier only (fidelity against FLOPs): predicting every calibrated setting per request
-        # costs more time than a latency budget can spare (254 settings on the default model)
+        # costs more time than a latency budget can spare (289 settings on the default model)
         for point in self.profile.frontier:
             value, fraction, seconds = cost(point.name, point.aim_config, point.latency_scale)
             # configs are built once, for the setting that runs: this loop is inside the timed prefill
