@@ -33,10 +33,10 @@ from aim import AIMConfig, apply_aim, remove_aim  # noqa: E402
 from aim.study import data  # noqa: E402
 from aim.study.evaluate import predict, standard_error  # noqa: E402
 from aim.study.model import load_default_model  # noqa: E402
+from fidelity_ranking import CALIBRATION_CLIPS  # noqa: E402  (the shipped profile's validation clips)
 
 METHODS = ("merge only", "temporal+merge", "AIM, merge pruned")
 BUDGETS = (0.5, 0.25, 0.15, 0.10)
-CALIBRATION_CLIPS = 96  # the shipped profile's: validation clips 0..95
 
 
 def correct(model, processor, examples, config: AIMConfig | None, batch_size: int) -> list[bool]:
