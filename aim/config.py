@@ -202,6 +202,17 @@ class AIMConfig:
         """Whether videos are merged across frames (before the per-frame step)."""
         return self.enabled and (self.temporal_keep < 1.0 or self.temporal_threshold is not None)
 
+    @property
+    def merges_before_llm(self) -> bool:
+        """Whether visual tokens are merged before the LLM (within frames, across frames or both)."""
+        return self.enabled and (bool(self.merge_schedule) or self.temporal_merging)
+
+    @property
+    def merges_tokens(self) -> bool:
+        """Whether a kept token may stand for several input tokens: merged before the LLM, or by
+        pruning layers that merge what they remove (what `proportional_attention` weighs)."""
+        return self.merges_before_llm or (self.enabled and self.prune and self.prune_action == "merge")
+
     def replace(self, **overrides) -> "AIMConfig":
         """A copy with some fields changed (validated again)."""
         names = {f.name for f in dataclasses.fields(self)}

@@ -138,7 +138,7 @@ class AIMTextForward:
         tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove", extras=extras)
         visual_before = visual.sum(dim=1)
         generator = torch.Generator().manual_seed(config.seed)  # the random baselines only
-        if layout is not None and config.enabled and (config.merge_schedule or config.temporal_merging):
+        if layout is not None and config.merges_before_llm:
             merge_before_llm(tokens, layout, config, generator)
             if config.merged_positions == "contiguous":
                 shift = _renumber(model, controller.family, tokens, position_ids, chunk_valid, visual, layout, shift)
@@ -163,8 +163,7 @@ class AIMTextForward:
         # proportional attention: asked for by a call that merges (elsewhere every size is 1, and
         # sdpa keeps its causal kernels), or kept by the cache its prompt filled, which then
         # decides for every later step and chunk, whatever their config says
-        merges = bool(config.merge_schedule) or config.temporal_merging or config.prune_action == "merge"
-        proportional = (config.enabled and config.proportional_attention and merges) or bool(
+        proportional = (config.proportional_attention and config.merges_tokens) or bool(
             state and state.layer_log_sizes is not None)
         new_layer_log_sizes: list[torch.Tensor] = []
         masks: dict = {}  # (layout version, cached part) -> (key validity, key log sizes, 4-D mask), shared by layers

@@ -31,20 +31,23 @@ def hooks(model):
     return sum(len(module._forward_hooks) for module in model.modules())
 
 
+@pytest.mark.parametrize("proportional", [False, True])
 @pytest.mark.parametrize("family, kind", [("llava_onevision", "video"), ("qwen2_vl", "image")])
-def test_threads_with_two_per_call_settings_equal_the_sequential_results(family, kind):
-    """4 threads on one model: two use the model's config, one `settings(...)`, one `aim_config=`."""
+def test_threads_with_two_per_call_settings_equal_the_sequential_results(family, kind, proportional):
+    """4 threads on one model: two use the model's config, one `settings(...)`, one `aim_config=`
+    (with proportional attention: the log sizes one call keeps in its cache must not reach another)."""
     model = tiny(family)
     apply_aim(model, **PRUNING)
+    other = OTHER.replace(proportional_attention=proportional)
     prompts = [make_inputs(model, kind=kind, batch_size=1, text_lengths=(4 + i,), seed=i) for i in range(4)]
 
     def call(i):
         with torch.no_grad():
             if i == 1:
-                with settings(model, OTHER):
+                with settings(model, other):
                     out = model.generate(**prompts[i], **GREEDY)
             elif i == 3:
-                out = model.generate(**prompts[i], **GREEDY, aim_config=OTHER)
+                out = model.generate(**prompts[i], **GREEDY, aim_config=other)
             else:
                 out = model.generate(**prompts[i], **GREEDY)
         return out.tolist(), last_stats(model).visual_tokens_per_layer
