@@ -14,7 +14,14 @@ so both see the same load. Per phase and policy: fraction of requests within bud
 of latency / budget, accuracy. The budget covers the prefill (the forward over the prompt, vision
 tower included: the time to the first token), not decoding.
 
+On the default model the vision tower and fixed costs are most of the prefill, which no setting
+changes. ``--llm-heavy`` runs the same stream on a random-weight LLaVA-OneVision whose LLM is most
+of the prefill, as in real checkpoints (`aim.tiny`, 12 decoder layers of width 512, 4-frame
+224 px videos: 809 tokens), calibrated here first (merging alone, on 4 inputs of its own); random
+weights have no labels, so its accuracy column is agreement with the unchanged model's answer.
+
     python benchmarks/budget_latency.py               # the README's run
+    python benchmarks/budget_latency.py --llm-heavy   # the LLM-heavy model
     python benchmarks/budget_latency.py --quick       # a smoke run
 """
 
@@ -27,7 +34,9 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -35,12 +44,60 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim import apply_aim, last_stats, remove_aim  # noqa: E402
-from aim.budget import PROFILE_FILE, Profile  # noqa: E402
+from aim.budget import PROFILE_FILE, Profile, calibrate, config_space  # noqa: E402
 from aim.study import data  # noqa: E402
 from aim.study.model import DEFAULT_MODEL_DIR, answer_token_ids, load_default_model, model_inputs, to_inputs  # noqa: E402
+from aim.tiny import build_tiny_model, make_inputs  # noqa: E402
 
 
 SHOWN = 4  # settings listed per phase and policy, most frequent first
+# --llm-heavy: decoder layers, width, frame size (224 px: 196 tokens per frame), frames, text tokens
+HEAVY_LAYERS, HEAVY_HIDDEN, HEAVY_IMAGE_SIZE, HEAVY_FRAMES, HEAVY_TEXT = 12, 512, 224, 4, 24
+HEAVY_CALIBRATION_INPUTS = 4
+
+
+@dataclass
+class Request:
+    """One request of the stream: its model inputs (built outside the timed prefill) and whether
+    the logits at its last position answer it."""
+
+    inputs: Callable[[], dict]
+    correct: Callable[[torch.Tensor], bool]
+
+
+def study_requests(model, processor, examples: list) -> list[Request]:
+    """The default model's requests: study clips, right when the answer word scores highest."""
+    words = list(data.ANSWER_WORDS)
+    answer_ids = answer_token_ids(processor, words)
+    return [Request(inputs=lambda e=e: model_inputs(to_inputs([e], processor, model.config)),
+                    correct=lambda logits, e=e: words[int(logits[answer_ids].argmax())] == e.answer)
+            for e in examples]
+
+
+def llm_heavy_setup(count: int, layers: int = HEAVY_LAYERS):
+    """The --llm-heavy model, its profile (calibrated here, on inputs outside the stream) and
+    `count` requests whose 'answer' is the unchanged model's greedy next token."""
+    model = build_tiny_model("llava_onevision", num_layers=layers, hidden_size=HEAVY_HIDDEN,
+                             image_size=HEAVY_IMAGE_SIZE)
+
+    def video(seed: int) -> dict:
+        return make_inputs(model, "video", num_frames=HEAVY_FRAMES, text_lengths=(HEAVY_TEXT,), seed=seed)
+
+    apply_aim(model, enabled=False)
+    inputs = [video(seed) for seed in tqdm(range(count), desc="inputs")]
+    answers = []
+    with torch.no_grad():
+        for x in tqdm(inputs, desc="unchanged answers"):
+            answers.append(int(model(**x).logits[0, -1].argmax()))
+    # merging alone: the frontier of the study model's profile above the cheapest points
+    candidates = [c for c in config_space(layers) if c.name == "off" or (
+        not c.config.prune and not c.config.temporal_merging and not c.config.proportional_attention
+        and c.config.merge_method == "bipartite")]
+    profile = calibrate(model, [video(count + i) for i in range(HEAVY_CALIBRATION_INPUTS)], candidates,
+                        description=f"{HEAVY_CALIBRATION_INPUTS} random videos")
+    requests = [Request(inputs=lambda x=x: x, correct=lambda logits, a=a: int(logits.argmax()) == a)
+                for x, a in zip(inputs, answers)]
+    return model, profile, requests
 
 
 def _spin(seconds: float) -> None:
@@ -58,11 +115,11 @@ def background_load(seconds: float, processes: int) -> list[mp.Process]:
     return procs
 
 
-def request(model, processor, example, answer_ids, words, **call) -> tuple[float, bool, str]:
+def request(model, req: Request, **call) -> tuple[float, bool, str]:
     """One request: the prefill with its answer read from the logits; (seconds, correct, point). A
     request aim refuses (its budget below the cheapest setting even at this machine's quiet speed)
     counts as a miss without an answer: (inf, False, "refused")."""
-    inputs = model_inputs(to_inputs([example], processor, model.config))
+    inputs = req.inputs()
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -72,20 +129,18 @@ def request(model, processor, example, answer_ids, words, **call) -> tuple[float
             raise
         return math.inf, False, "refused"
     seconds = time.perf_counter() - start
-    answer = words[int(logits[answer_ids].argmax())]
     stats = last_stats(model)
     point = stats.budget["point"] if stats is not None and stats.budget else "fixed"
-    return seconds, answer == example.answer, point
+    return seconds, req.correct(logits), point
 
 
-def quiet_choice(model, processor, examples, answer_ids, words, budget_ms: float, profile: Profile, quantile: float):
+def quiet_choice(model, requests: list[Request], budget_ms: float, profile: Profile, quantile: float):
     """The fixed policy's setting: what the adaptive choice runs most often on the quiet machine
     (name, config). When the budget is refused on every one of these requests (a machine much
     slower than the budget assumed), the fastest frontier point, so the comparison still runs."""
     runs: dict[str, tuple[int, object]] = {}
-    for example in examples:
-        _, _, point = request(model, processor, example, answer_ids, words, aim_budget_ms=budget_ms,
-                              aim_budget_quantile=quantile)
+    for req in requests:
+        _, _, point = request(model, req, aim_budget_ms=budget_ms, aim_budget_quantile=quantile)
         stats = last_stats(model)
         if point != "refused" and stats is not None and stats.budget:
             count, _ = runs.get(point, (0, None))
@@ -112,36 +167,47 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--quantile", type=float, default=0.9,
                         help="share of prefills the adaptive budget should hold for (default %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="8 requests per phase")
+    parser.add_argument("--quick", action="store_true", help="8 requests per phase (and 4 layers with --llm-heavy)")
+    parser.add_argument("--llm-heavy", action="store_true",
+                        help="a random-weight model whose LLM is most of the prefill, calibrated here (see above)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests = 8
+    if args.llm_heavy and (args.model or args.profile):
+        parser.error("--llm-heavy builds and calibrates its own model: give neither --model nor --profile")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, processor = load_default_model(args.model)
-    folder = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    profile = Profile.load(args.profile or folder / PROFILE_FILE)
-    examples = data.dataset("test", 3 * args.requests, kinds=data.VIDEO_KINDS)
-    words = list(data.ANSWER_WORDS)
-    answer_ids = answer_token_ids(processor, words)
+    if args.llm_heavy:
+        layers = 4 if args.quick else HEAVY_LAYERS
+        model, profile, requests = llm_heavy_setup(3 * args.requests, layers)
+        described = (f"random-weight LLaVA-OneVision (aim.tiny), {layers} decoder layers of width "
+                     f"{HEAVY_HIDDEN}, {HEAVY_FRAMES} frames x 196 tokens + {HEAVY_TEXT} text tokens; accuracy = "
+                     "agreement with the unchanged model's answer")
+    else:
+        model, processor = load_default_model(args.model)
+        folder = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+        profile = Profile.load(args.profile or folder / PROFILE_FILE)
+        examples = data.dataset("test", 3 * args.requests, kinds=data.VIDEO_KINDS)
+        requests = study_requests(model, processor, examples)
+        described = f"{args.model or 'aim/default_model'} (trained study model), test clips"
 
     # the unchanged model's quiet prefill time sets the budget
     apply_aim(model, enabled=False)
-    for e in examples[:3]:
-        request(model, processor, e, answer_ids, words)
-    base = statistics.median(request(model, processor, e, answer_ids, words)[0] for e in examples[:9])
+    for req in requests[:3]:
+        request(model, req)
+    base = statistics.median(request(model, req)[0] for req in requests[:9])
     budget_ms = 1000 * base * args.budget_fraction
     apply_aim(model, profile=profile)
     # the profile's latency model was fitted on the machine that calibrated it; a few quiet requests
     # under a generous budget let the load correction learn this machine's speed first (without them a
     # faster machine would see the budget refused as below the cheapest setting's predicted time)
-    for e in examples[:12]:
-        request(model, processor, e, answer_ids, words, aim_budget_ms=10 * budget_ms)
-    fixed_name, fixed = quiet_choice(model, processor, examples[:5], answer_ids, words, budget_ms, profile, args.quantile)
+    for req in requests[:12]:
+        request(model, req, aim_budget_ms=10 * budget_ms)
+    fixed_name, fixed = quiet_choice(model, requests[:5], budget_ms, profile, args.quantile)
 
     phases = []
     cores = args.load_processes
-    chunks = [examples[i * args.requests:(i + 1) * args.requests] for i in range(3)]
+    chunks = [requests[i * args.requests:(i + 1) * args.requests] for i in range(3)]
     for phase, chunk in zip(("quiet", "loaded", "quiet again"), chunks):
         procs = []
         if phase == "loaded":
@@ -149,17 +215,25 @@ def main(argv: list[str] | None = None) -> int:
             procs = background_load(seconds=2 * len(chunk) * 2 * base * 3 + 5, processes=cores)
             time.sleep(0.5)
         rows = {"adaptive": [], "fixed": []}
-        for example in tqdm(chunk, desc=phase):
-            rows["adaptive"].append(request(model, processor, example, answer_ids, words, aim_budget_ms=budget_ms,
-                                            aim_budget_quantile=args.quantile))
-            rows["fixed"].append(request(model, processor, example, answer_ids, words, aim_config=fixed))
+        for req in tqdm(chunk, desc=phase):
+            rows["adaptive"].append(request(model, req, aim_budget_ms=budget_ms, aim_budget_quantile=args.quantile))
+            rows["fixed"].append(request(model, req, aim_config=fixed))
         for p in procs:
             p.terminate()
             p.join()
         phases.append((phase, rows))
     remove_aim(model)
+    print(f"Model    {described}")
+    print(f"Floor    the cheapest frontier setting took {cheapest_share(profile):.0%} of the unchanged model's "
+          f"prefill time in calibration: a slowdown beyond {1 / cheapest_share(profile):.1f}x cannot be absorbed")
     report(base, budget_ms, fixed_name, phases, cores, args.quantile, torch.get_num_threads())
     return 0
+
+
+def cheapest_share(profile: Profile) -> float:
+    """The fastest frontier setting's calibrated prefill time over the unchanged model's."""
+    off = next(p for p in profile.points if p.name == "off")
+    return min(p.seconds for p in profile.frontier) / off.seconds
 
 
 def report(base: float, budget_ms: float, fixed_name: str, phases, cores: int, quantile: float, threads: int) -> None:
