@@ -130,6 +130,43 @@ def test_a_slowdown_inside_the_dead_band_raises_the_margin_at_once():
         math.exp(NormalDist().inv_cdf(0.9) * math.sqrt(faster.spread)))
 
 
+def test_a_step_of_load_is_followed_after_two_calls_and_a_speed_up_still_waits():
+    """Two calls in a row beyond the band (and the noise) move the factor to the new load at once;
+    the moving average alone is still part of the way there after six; one slow call moves nothing;
+    a speed-up waits for the average to leave the band."""
+    tracker = LoadTracker()
+    for _ in range(10):
+        tracker.observe(1.0, 1.0)
+    tracker.observe(1.7, 1.0)
+    assert tracker.factor == 1.0  # one call (average 1.21, inside the band)
+    tracker.observe(1.7, 1.0)
+    assert tracker.factor == pytest.approx(1.7)
+    tracker.observe(1.0, 1.0)  # load gone: average 1.49, inside the band around 1.7
+    assert tracker.factor == pytest.approx(1.7)
+    lagging = LoadTracker(confirm=0)  # the moving average alone
+    for ratio in [1.0] * 10 + [1.7] * 6:
+        lagging.observe(ratio, 1.0)
+    assert lagging.factor < 1.4
+
+
+def test_a_noisy_machine_needs_a_larger_slowdown_to_move_the_factor_at_once():
+    rng = random.Random(1)
+    tracker = LoadTracker()
+    for _ in range(300):
+        tracker.observe(math.exp(rng.gauss(0.0, 0.3)), 1.0)
+    before = tracker.factor
+    for _ in range(2):  # 1.5x: beyond the band, not beyond this noise's 90% quantile on top of it
+        tracker.observe(1.5 * before, 1.0)
+    assert tracker.factor < 1.4 * before
+    quiet = LoadTracker()
+    for _ in range(300):
+        quiet.observe(math.exp(rng.gauss(0.0, 0.02)), 1.0)
+    before = quiet.factor
+    for _ in range(2):
+        quiet.observe(1.5 * before, 1.0)
+    assert quiet.factor == pytest.approx(1.5 * before)
+
+
 def test_a_tracker_without_warmup_learns_the_spread_from_the_second_call():
     tracker = LoadTracker(warmup=0)
     tracker.observe(1.0, 1.0)

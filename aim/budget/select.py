@@ -10,7 +10,11 @@ error, never a silent overrun.
 Load correction (`LoadTracker`): after each budgeted prefill, the ratio measured / predicted
 seconds enters an exponential moving average. The factor the choice uses moves to that average
 only when it leaves a dead band around the factor in use (hysteresis), so aim moves to cheaper
-points when the machine is shared and back when the load ends, without flapping on noise. The
+points when the machine is shared and back when the load ends, without flapping on noise. A
+slowdown is followed faster than a speed-up (a deadline cannot wait): when two calls in a row
+measure ratios beyond the band and beyond the measured noise (its 90% quantile), the factor moves
+to their geometric mean at once, where the moving average would take several calls (and, once the
+factor had moved part of the way, leave the rest to the margin below). The
 first few measured ratios replace the 1.0 prior outright (their plain mean is the factor): the
 profile's latency model was fitted on the machine (and at the moment) of calibration, and the
 first calls tell how fast this one is.
@@ -111,10 +115,16 @@ class LoadTracker:
         spread_alpha: weight of the newest half squared successive difference of log ratios in
             the spread (slower than the average, so a latency quantile's margin does not swing
             with each call).
+        confirm: successive calls whose ratios must all pass ``factor * (1 + band)`` times the
+            noise quantile `attack_quantile` of the spread for the factor to move to their
+            geometric mean at once (a slowdown); 0 turns this off (the moving average alone).
     """
 
-    def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5, spread_alpha: float = 0.1) -> None:
+    def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5, spread_alpha: float = 0.1,
+                 confirm: int = 2, attack_quantile: float = 0.9) -> None:
         self.alpha, self.band, self.warmup, self.spread_alpha = alpha, band, warmup, spread_alpha
+        self.confirm, self.attack_z = confirm, NormalDist().inv_cdf(attack_quantile)
+        self._above: list[float] = []  # log ratios of the latest calls in a row beyond the attack threshold
         self.average = 1.0
         self.factor = 1.0
         self.quietest = 1.0  # the lowest factor measured: this machine's speed when quiet
@@ -153,9 +163,16 @@ class LoadTracker:
                 self.spread = (1 - self.spread_alpha) * self.spread + self.spread_alpha * step * step / 2
             self._last_log = log
             self.level = (1 - self.spread_alpha) * self.level + self.spread_alpha * log
-            if not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
+            threshold = math.log(self.factor * (1 + self.band)) + self.attack_z * math.sqrt(self.spread)
+            self._above = self._above + [log] if self.confirm and log > threshold else []
+            if self.confirm and len(self._above) >= self.confirm:
+                # a slowdown several calls confirm: follow it now, not over the moving average's lag
+                self.factor = self.average = math.exp(sum(self._above) / len(self._above))
+                self._above = []
+            elif not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
                 self.factor = self.average
                 self.quietest = min(self.quietest, self.factor)
+                self._above = []
 
     def margin(self, quantile: float) -> float:
         """How much a prediction (load factor included) is raised so that `quantile` of prefills
