@@ -53,6 +53,11 @@ def test_threads_with_two_per_call_settings_equal_the_sequential_results(family,
         return out.tolist(), last_stats(model).visual_tokens_per_layer
 
     expected = [call(i) for i in range(4)]
+    if proportional:  # it takes effect, so that a call losing it to another could not go unnoticed
+        with torch.no_grad():
+            plain = model(**prompts[3], aim_config=OTHER).logits
+            weighted = model(**prompts[3], aim_config=other).logits
+        assert not torch.allclose(plain, weighted, atol=1e-3)
     got: dict = {i: [] for i in range(4)}
     errors: list = []
     start = threading.Barrier(4)

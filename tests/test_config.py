@@ -83,3 +83,18 @@ def test_identity():
     assert AIMConfig(enabled=False).is_identity(4)
     assert AIMConfig(merge_keep=1.0, prune=False).is_identity(4)
     assert not AIMConfig().is_identity(4)
+
+
+@pytest.mark.parametrize("kwargs, before_llm, tokens", [
+    (dict(), True, True),  # the paper's default merges before the LLM
+    (dict(merge_schedule=()), False, False),  # pruning that drops
+    (dict(merge_schedule=(), prune_action="merge"), False, True),  # pruning layers merge what they remove
+    (dict(merge_schedule=(), prune=False, prune_action="merge"), False, False),  # no pruning: nothing merges
+    (dict(merge_schedule=(), temporal_keep=0.5, prune=False), True, True),  # across frames only
+    (dict(enabled=False), False, False),
+])
+def test_merge_conditions(kwargs, before_llm, tokens):
+    """What the engine asks before merging (`merges_before_llm`) and before weighing keys by the
+    number of tokens they stand for (`merges_tokens`, proportional attention)."""
+    config = AIMConfig(**kwargs)
+    assert config.merges_before_llm is before_llm and config.merges_tokens is tokens

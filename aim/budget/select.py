@@ -154,25 +154,29 @@ class LoadTracker:
                 self._last_log = logs[-1]
                 self.level = sum(logs) / len(logs)
                 return
+            log = math.log(ratio)
+            # the attack threshold: the factor in use and the noise measured before this call (a
+            # step of load enters the spread once, as one large successive difference)
+            threshold = math.log(self.factor * (1 + self.band)) + self.attack_z * math.sqrt(self.spread)
+            self._above = self._above + [log] if self.confirm and log > threshold else []
             self.average = (1 - self.alpha) * self.average + self.alpha * ratio
             # successive differences (von Neumann): a change of load is one large step, not a long
             # run of deviations from a lagging average; for independent noise E[step^2] = 2 var
-            log = math.log(ratio)
             if self._last_log is not None:
                 step = log - self._last_log
                 self.spread = (1 - self.spread_alpha) * self.spread + self.spread_alpha * step * step / 2
             self._last_log = log
             self.level = (1 - self.spread_alpha) * self.level + self.spread_alpha * log
-            threshold = math.log(self.factor * (1 + self.band)) + self.attack_z * math.sqrt(self.spread)
-            self._above = self._above + [log] if self.confirm and log > threshold else []
-            if self.confirm and len(self._above) >= self.confirm:
-                # a slowdown several calls confirm: follow it now, not over the moving average's lag
-                self.factor = self.average = math.exp(sum(self._above) / len(self._above))
+            attack = math.exp(sum(self._above) / len(self._above)) if len(self._above) >= max(self.confirm, 1) else None
+            if attack is not None and attack > self.factor:
+                # a slowdown several calls in a row confirm: follow it now, not over the average's lag
+                self.factor = self.average = attack
                 self._above = []
             elif not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
+                if self.average < self.factor:
+                    self._above = []  # a speed-up: a slowdown starts counting again
                 self.factor = self.average
                 self.quietest = min(self.quietest, self.factor)
-                self._above = []
 
     def margin(self, quantile: float) -> float:
         """How much a prediction (load factor included) is raised so that `quantile` of prefills
