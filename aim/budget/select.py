@@ -167,8 +167,9 @@ class LoadTracker:
                 self.spread = (1 - self.spread_alpha) * self.spread + self.spread_alpha * step * step / 2
             self._last_log = log
             self.level = (1 - self.spread_alpha) * self.level + self.spread_alpha * log
-            attack = math.exp(sum(self._above) / len(self._above)) if len(self._above) >= max(self.confirm, 1) else None
-            if attack is not None and attack > self.factor:
+            confirmed = self.confirm and len(self._above) >= self.confirm
+            attack = math.exp(sum(self._above) / len(self._above)) if confirmed else 0.0
+            if attack > self.factor:
                 # a slowdown several calls in a row confirm: follow it now, not over the average's lag
                 self.factor = self.average = attack
                 self._above = []
