@@ -8,7 +8,7 @@ from .config import AIMConfig
 
 
 def add_aim_options(parser: argparse.ArgumentParser) -> None:
-    """``--merge-keep``, ``--prune-start``, ``--prune-step``, ``--temporal-keep``, ``--prune-action``,
+    """``--merge-keep``, ``--prune-start``, ``--prune-step``, ``--temporal-keep``, ``--frame-keep``, ``--prune-action``,
     ``--proportional-attention``, ``--no-merge``, ``--no-prune``."""
     parser.add_argument("--merge-keep", type=float, default=None,
                         help="fraction of each frame's tokens merging keeps (default 0.25)")
@@ -21,6 +21,9 @@ def add_aim_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temporal-keep", type=float, default=None,
                         help="temporal merging of videos: fraction of each later frame's tokens kept, the "
                              "rest merged into the frame before (default: off)")
+    parser.add_argument("--frame-keep", type=float, default=None,
+                        help="fraction of each video's frames the vision tower encodes, evenly spaced "
+                             "(LLaVA-OneVision / LLaVA-NeXT-Video; default 1: all)")
     parser.add_argument("--prune-action", choices=("drop", "merge"), default=None,
                         help="what happens to pruned visual tokens: drop (default) or merge into the most "
                              "similar kept one")
@@ -48,6 +51,8 @@ def aim_overrides(args: argparse.Namespace) -> dict:
                           if v is not None})
     if args.temporal_keep is not None:
         overrides["temporal_keep"] = args.temporal_keep
+    if args.frame_keep is not None:
+        overrides["frame_keep"] = args.frame_keep
     if args.prune_action is not None:
         overrides["prune_action"] = args.prune_action
     if args.proportional_attention:

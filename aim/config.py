@@ -106,6 +106,15 @@ class AIMConfig:
             draws the attention its ``s`` tokens would have drawn together (exactly so for ``s``
             identical tokens at one position). Off by default; `benchmarks/proportional_attention.py`
             measures it.
+        frame_keep: fraction of each video's frames the vision tower encodes (``1.0``: all). The
+            frames kept are evenly spaced from the first to the last (`aim.counts.kept_frames`);
+            the others are never encoded, and their placeholder tokens are removed before the
+            first decoder layer, so the vision tower, the LLM and the KV cache all see fewer
+            frames. The frames kept keep their own positions (with ``merged_positions=
+            "contiguous"``, the LLM sees exactly the shorter video). Merging and pruning then
+            work on the frames kept. Videos of LLaVA-OneVision and LLaVA-NeXT-Video only (Qwen's
+            vision towers encode frames in pairs, with positions from the frame grid: give those
+            fewer frames in the processor instead); images are unchanged.
     """
 
     enabled: bool = True
@@ -127,6 +136,7 @@ class AIMConfig:
     prune_action: str = "drop"
     merged_positions: str = "destination"
     proportional_attention: bool = False
+    frame_keep: float = 1.0
 
     def __post_init__(self) -> None:
         if self.merge_keep is not None:
@@ -176,6 +186,10 @@ class AIMConfig:
             raise ValueError(f"merged_positions must be one of {MERGED_POSITIONS}, got {self.merged_positions!r}")
         if not isinstance(self.proportional_attention, bool):
             raise ValueError(f"proportional_attention must be True or False, got {self.proportional_attention!r}")
+        if isinstance(self.frame_keep, bool) or not isinstance(self.frame_keep, (int, float)) \
+                or not 0.0 < self.frame_keep <= 1.0:
+            raise ValueError(f"frame_keep is the fraction of each video's frames encoded, in (0, 1]; got {self.frame_keep!r}")
+        self.frame_keep = float(self.frame_keep)
 
     def _check_temporal(self) -> None:
         self.temporal_keep = float(self.temporal_keep)
@@ -201,6 +215,11 @@ class AIMConfig:
     def temporal_merging(self) -> bool:
         """Whether videos are merged across frames (before the per-frame step)."""
         return self.enabled and (self.temporal_keep < 1.0 or self.temporal_threshold is not None)
+
+    @property
+    def drops_frames(self) -> bool:
+        """Whether the vision tower encodes only some of each video's frames."""
+        return self.enabled and self.frame_keep < 1.0
 
     @property
     def merges_before_llm(self) -> bool:
@@ -268,6 +287,7 @@ class AIMConfig:
             all(k >= 1.0 for k in self.merge_schedule)
             and all(r >= 1.0 for r in self.keep_ratios(num_layers))
             and not self.temporal_merging
+            and not self.drops_frames
         )
 
     def describe(self, num_layers: int) -> str:
@@ -290,6 +310,8 @@ class AIMConfig:
                     else f"{self.temporal_keep:.0%} of each later frame kept")
             window = "the frame" if self.temporal_window == 1 else f"the {self.temporal_window} frames"
             merge = f"temporal merging into {window} before ({when}), then {merge}"
+        if self.drops_frames:
+            merge = f"{self.frame_keep:.0%} of each video's frames encoded (evenly spaced); {merge}"
         ratios = self.keep_ratios(num_layers)
         pruned = [(layer, r) for layer, r in enumerate(ratios) if r < 1.0]
         proportional = "; proportional attention to merged tokens" if self.proportional_attention else ""

@@ -42,6 +42,8 @@ class CallState:
     stats: AIMStats | None = None
     budget: Any = None  # aim.budget.Budget of this call, if any
     choice: Any = None  # aim.budget.Choice the engine made for it
+    attention_mask: torch.Tensor | None = None  # the prompt's padding mask (a latency budget's frames choice)
+    frame_keep: float = 1.0  # fraction of each video's frames the vision tower encoded for this call
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class CallOptions:
     config: AIMConfig | None = None
     record_positions: bool = False
     budget: Any = None  # aim.budget.Budget for the calls in the block
+    # (input_ids, attention_mask) of a generation: generate() encodes images / videos before the
+    # forward that would carry them, and a latency budget chooses the frames encoded from the prompt
+    prompt: Any = None
 
 
 _CALL: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("aim_call", default=None)

@@ -27,6 +27,18 @@ def merged_token_count(num_tokens: int, schedule: Sequence[float]) -> int:
     return num_tokens - sum(merge_counts(num_tokens, schedule))
 
 
+def kept_frames(frames: int, keep: float) -> list[int]:
+    """Indices of the frames of a `frames`-frame video that the vision tower encodes with
+    ``frame_keep=keep``: ``max(1, round(frames * keep))`` of them, evenly spaced from the first
+    frame to the last (``numpy.linspace`` rounded, as LLaVA-Video and lmms-eval sample frames)."""
+    if frames < 1:
+        raise ValueError(f"a video needs at least one frame, got {frames}")
+    count = max(1, visual_tokens_kept(frames, keep))
+    if count == 1:
+        return [0]
+    return [int(math.floor(i * (frames - 1) / (count - 1) + 0.5)) for i in range(count)]
+
+
 def temporal_frame_sizes(frame_tokens: Sequence[int], keep: float) -> list[int]:
     """Tokens each frame of one video keeps after temporal merging with keep fraction `keep`: the
     first frame all, every later frame ``max(1, round(n * keep))`` of its ``n`` (`aim.temporal`)."""

@@ -81,7 +81,9 @@ class AIMTextForward:
             config = controller.choose(call, layout, _prompt_valid(attention_mask, input_ids, inputs_embeds))
         model = self.text_model
         num_layers = len(model.layers)
-        if config.is_identity(num_layers) and aim_state_of(cache) is None:
+        # frames the vision tower did not encode (frame_keep) hold zeros: they must leave, whatever the config
+        drops_frames = layout is not None and layout.dropped is not None
+        if config.is_identity(num_layers) and aim_state_of(cache) is None and not drops_frames:
             output = controller.original_text_forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -138,7 +140,7 @@ class AIMTextForward:
         tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove", extras=extras)
         visual_before = visual.sum(dim=1)
         generator = torch.Generator().manual_seed(config.seed)  # the random baselines only
-        if layout is not None and config.merges_before_llm:
+        if layout is not None and (config.merges_before_llm or drops_frames):
             merge_before_llm(tokens, layout, config, generator)
             if config.merged_positions == "contiguous":
                 shift = _renumber(model, controller.family, tokens, position_ids, chunk_valid, visual, layout, shift)

@@ -122,7 +122,12 @@ def format_report(comparison: F.Comparison, spec: F.ModelSpec, config: AIMConfig
         f"Decode GFLOPs per generated token: baseline {base.decode_flops_per_token / 1e9:.2f}  "
         f"AIM {aim.decode_flops_per_token / 1e9:.2f}  ratio {comparison.decode_ratio:.2f}x",
     ]
-    if base.vision_flops is not None:
+    if base.vision_flops is not None and aim.vision_flops != base.vision_flops:
+        lines.append(
+            f"Vision tower + projector (estimate, not in the totals; frame_keep encodes fewer frames): "
+            f"baseline {base.vision_flops / F.TERA:.2f}  AIM {aim.vision_flops / F.TERA:.2f} TFLOPs"
+        )
+    elif base.vision_flops is not None:
         lines.append(
             f"Vision tower + projector (estimate, not in the totals; AIM leaves it unchanged): "
             f"{base.vision_flops / F.TERA:.2f} TFLOPs"

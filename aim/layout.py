@@ -22,11 +22,14 @@ class VisualLayout:
     groups: per sample, 1-D tensors of sequence positions merged together (frames / crops).
     videos: per sample, for each video the indices into ``groups[sample]`` of its frames (temporal
         slices) in time order: what temporal merging works across.
+    dropped: ``(batch, seq)`` bool, placeholder positions of video frames the vision tower did not
+        encode (``AIMConfig.frame_keep``): removed before the first decoder layer; None: none.
     """
 
     visual: torch.Tensor
     groups: list[list[torch.Tensor]] = field(default_factory=list)
     videos: list[list[list[int]]] = field(default_factory=list)
+    dropped: torch.Tensor | None = None
 
 
 def chunk_groups(length: int, num_chunks: int) -> list[torch.Tensor]:
@@ -105,26 +108,38 @@ def flatten_item_groups(items, item_groups: list[list[torch.Tensor]]) -> list[li
 
 
 def build_layout(
-    input_ids: torch.Tensor, token_groups: list[tuple[int, list[list[torch.Tensor]], bool]]
+    input_ids: torch.Tensor,
+    token_groups: list[tuple[int, list[list[torch.Tensor]], bool] | tuple[int, list[list[torch.Tensor]], bool, list]],
 ) -> VisualLayout:
     """Place recorded feature groups on the sequence.
 
     Args:
         input_ids: ``(batch, seq)`` token ids of the chunk.
-        token_groups: per modality, ``(placeholder_token_id, items, is_video)``: for each image /
-            video its groups of feature indices as recorded from the model's feature functions.
+        token_groups: per modality, ``(placeholder_token_id, items, is_video[, dropped])``: for each
+            image / video its groups of feature indices as recorded from the model's feature
+            functions, and optionally, per item, the feature indices of frames not encoded.
     """
     batch = input_ids.shape[0]
     visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    dropped_mask = torch.zeros_like(visual)
     groups: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     videos: list[list[list[int]]] = [[] for _ in range(batch)]
-    for token_id, items, is_video in token_groups:
+    for token_id, items, is_video, *rest in token_groups:
         is_token = input_ids == token_id
         visual |= is_token
         if not items:
             continue
         placeholders = is_token.nonzero()  # row-major, the order masked_scatter fills
         count = placeholders.shape[0]
+        for gone in (rest[0] if rest else ()):
+            for indices in gone:
+                if indices.numel() and int(indices.max()) >= count:
+                    raise ValueError(
+                        f"image-token count mismatch: the model produced more visual features than the "
+                        f"{count} placeholder tokens (id {token_id}) in input_ids"
+                    )
+                where = placeholders[indices.to(placeholders.device)]
+                dropped_mask[where[:, 0], where[:, 1]] = True
         for item in items:
             chain: list[tuple[int, int]] = []
             for group in item:
@@ -147,4 +162,4 @@ def build_layout(
                 groups[sample].append(where[:, 1])
             if is_video and len(chain) > 1 and len({sample for sample, _ in chain}) == 1:
                 videos[chain[0][0]].append([index for _, index in chain])
-    return VisualLayout(visual=visual, groups=groups, videos=videos)
+    return VisualLayout(visual=visual, groups=groups, videos=videos, dropped=dropped_mask if dropped_mask.any() else None)

@@ -20,12 +20,18 @@ from .tokens import TokenSet
 
 
 def merge_before_llm(tokens: TokenSet, layout: VisualLayout, config: AIMConfig, generator: torch.Generator) -> None:
-    """Temporal merging of each video (when configured), then the per-frame / per-crop step of
-    `config.merge_method`, on the chunk's visual tokens; every other token stays as it is."""
+    """Removal of the frames the vision tower did not encode (`layout.dropped`), temporal merging
+    of each video (when configured), then the per-frame / per-crop step of `config.merge_method`,
+    on the chunk's visual tokens; every other token stays as it is."""
+    keep = tokens.valid.clone()
+    if layout.dropped is not None:
+        keep &= ~layout.dropped.to(keep.device)
+    if not config.merges_before_llm:
+        tokens.keep(keep)
+        return
     tokens.hidden = tokens.hidden.clone()
     if tokens.extras is not None:
         tokens.extras = tokens.extras.clone()
-    keep = tokens.valid.clone()
     device = tokens.hidden.device
     for sample, sample_groups in enumerate(layout.groups):
         groups = [g.to(device) for g in sample_groups]

@@ -243,11 +243,33 @@ class Selector:
             self._predictions[key] = found
         return found
 
+    def frames_for(self, budget: Budget, inputs_by_keep: dict[float, list[InputSpec]]) -> float:
+        """The fraction of each video's frames a latency-budgeted prefill encodes, chosen before the
+        vision tower runs: the largest of `inputs_by_keep` (frame fraction -> the batch's prompts
+        with that many frames) for which a calibrated setting fits `budget` under the load measured
+        now, else the smallest. FLOPs budgets count the LLM only, where merging beats encoding fewer
+        frames: they always encode every frame. The setting itself is chosen after the vision tower,
+        on the frames encoded (`choose`); fidelity was calibrated on whole videos, so fewer frames
+        are a last resort, taken only where no setting fits the whole video."""
+        if budget.ms is None or len(inputs_by_keep) < 2:
+            return 1.0
+        keeps = sorted(inputs_by_keep, reverse=True)
+        for keep in keeps:
+            if self._search(budget, inputs_by_keep[keep])[0] is not None:
+                return keep
+        return keeps[-1]
+
     def choose(self, budget: Budget, inputs: list[InputSpec]) -> Choice:
         """The most faithful frontier point (the dearest among equally faithful ones) whose
         predicted cost fits `budget` on every prompt of the batch (`inputs`), or a setting of a
         family's curve when its (interpolated) fidelity is higher (`aim.budget.curves`); a clear
         error when even the cheapest point does not fit."""
+        return self._finish(budget, *self._search(budget, inputs))
+
+    def _search(self, budget: Budget, inputs: list[InputSpec]):
+        """``(best, cheapest, load, margin, limit)``: the most faithful setting that fits (None when
+        none does) and the cheapest, as ``(name, config factory, FLOPs fraction, seconds)`` (the
+        cheapest with what the budget limits first); no warning, no error."""
         load = self.load.factor
         # a latency budget holds for a quantile of prefills: the typical time times this margin fits
         margin = self.load.margin(budget.share) if budget.ms is not None else 1.0
@@ -276,6 +298,11 @@ class Selector:
             # on the calibration inputs, and this input may order them otherwise
             floor = self._fidelity[best[0]] if best is not None else Fidelity(-math.inf, -math.inf)
             best = self._between_calibrated(cost, limit, floor) or best
+        return best, cheapest, load, margin, limit
+
+    def _finish(self, budget: Budget, best, cheapest, load: float, margin: float, limit: float) -> Choice:
+        """`choose`'s answer from its search: the best setting, a best effort with a warning, or
+        a clear error."""
         if best is None and budget.ms is not None and self.load.observations == 0:
             # no prefill measured on this machine yet: the prediction comes from the calibrating
             # machine, so run the cheapest (best effort, with a warning) and let its time tell
@@ -368,10 +395,51 @@ class Selector:
         return best
 
 
+FRAME_KEEPS = (1.0, 0.5, 0.25)  # the fractions of each video's frames a latency budget may encode
+
+
+def video_prompt_specs(input_ids, attention_mask, image_token: int | None, video_token: int, videos: int, frames: int,
+                       markers: int, keeps: tuple[float, ...] = FRAME_KEEPS) -> dict[float, list[InputSpec]] | None:
+    """Before the vision tower runs: for each frame fraction of `keeps`, one `InputSpec` per prompt
+    of ``(batch, seq)`` `input_ids` as the LLM would see it with that many frames of each of the
+    `videos` videos of `frames` frames (`markers` placeholders per video outside its frames).
+    Image placeholders count as visual tokens no merging reduces (their groups are not known yet;
+    this errs on the dear side). None when the placeholders do not split into equal videos (the
+    model's own placeholder check then reports the mismatch)."""
+    import torch
+
+    from ..counts import kept_frames
+
+    valid = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape == input_ids.shape:
+        valid = attention_mask.to(input_ids.device).bool()
+    is_video = (input_ids == video_token) & valid
+    is_image = (input_ids == image_token) & valid if image_token is not None else torch.zeros_like(valid)
+    total = int(is_video.sum())
+    if videos < 1 or frames < 1 or total % videos or total // videos <= markers or (total // videos - markers) % frames:
+        return None
+    per_video = total // videos
+    per_frame = (per_video - markers) // frames
+    counts = [(int(is_video[row].sum()), int(is_image[row].sum()), int(valid[row].sum())) for row in range(input_ids.shape[0])]
+    if any(n_video % per_video for n_video, _, _ in counts):
+        return None
+    out = {}
+    for keep in keeps:
+        kept = len(kept_frames(frames, keep))
+        out[keep] = [
+            input_spec(n_valid - n_video - n_image, [per_frame] * (kept * (n_video // per_video)),
+                       markers * (n_video // per_video) + n_image, [kept] * (n_video // per_video))
+            for n_video, n_image, n_valid in counts
+        ]
+    return out
+
+
 def layout_specs(layout, valid) -> list[InputSpec]:
     """One `InputSpec` per prompt of a chunk, from its visual layout (`aim.layout.VisualLayout`)
     and ``(batch, seq)`` padding mask: text tokens, frame / crop sizes (videos first), markers."""
-    visual = layout.visual.to(valid.device) & valid
+    placeholders = layout.visual.to(valid.device) & valid
+    # frames the vision tower did not encode (frame_keep) never reach the LLM: neither text nor visual
+    visual = placeholders & ~layout.dropped.to(valid.device) if layout.dropped is not None else placeholders
     specs = []
     for sample in range(valid.shape[0]):
         groups = layout.groups[sample] if sample < len(layout.groups) else []
@@ -380,5 +448,6 @@ def layout_specs(layout, valid) -> list[InputSpec]:
         rest = [i for i in range(len(groups)) if i not in set(in_video)]
         sizes = [int(groups[i].numel()) for i in in_video + rest]
         n_visual = int(visual[sample].sum())
-        specs.append(input_spec(int(valid[sample].sum()) - n_visual, sizes, n_visual - sum(sizes), [len(v) for v in videos]))
+        text = int(valid[sample].sum()) - int(placeholders[sample].sum())
+        specs.append(input_spec(text, sizes, n_visual - sum(sizes), [len(v) for v in videos]))
     return specs

@@ -59,6 +59,10 @@ class Family:
         the family has none. The engine merges and prunes them with the tokens they belong to."""
         return None
 
+    # `AIMConfig.frame_keep`: the video feature function takes pixel_values_videos (videos, frames,
+    # ...) and returns pooler_output (videos, frames * tokens + video_markers, dim) (`aim.frames`)
+    encodes_fewer_frames: bool = False
+
     # --- FLOPs facts ------------------------------------------------------------------------
     supports_video: bool = False
     video_markers: int = 0  # visual tokens per video outside every frame

@@ -23,6 +23,7 @@ class LlavaNextVideoFamily(Family):
     model_type = "llava_next_video"
     class_names = ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel")
     supports_video = True
+    encodes_fewer_frames = True
     projector_on_patches = False  # frames are pooled before the projector
     tiny_image_size = 64
     tiny_anyres = True

@@ -19,6 +19,7 @@ class LlavaOnevisionFamily(Family):
     model_type = "llava_onevision"
     class_names = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     supports_video = True
+    encodes_fewer_frames = True
     video_markers = 1  # the image_newline closing each video
     tiny_image_size = 64
     tiny_anyres = True

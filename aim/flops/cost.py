@@ -3,11 +3,11 @@ AIM settings. The counting convention is in the package docstring (``aim.flops``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..config import AIMConfig, visual_tokens_kept
-from ..counts import evs_kept_tokens, group_size_after_merge, temporal_frame_sizes
+from ..counts import evs_kept_tokens, group_size_after_merge, kept_frames, temporal_frame_sizes
 from .inputs import InputSpec
 from .model_spec import ModelSpec, load_model
 
@@ -128,12 +128,37 @@ def _dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[key]
 
 
+def frames_encoded(spec: ModelSpec, inputs: InputSpec, config: AIMConfig | None) -> InputSpec:
+    """`inputs` as the vision tower and the LLM see them with ``config.frame_keep``: each video
+    keeps the groups (frames) and vision passes of its kept frames (`aim.counts.kept_frames`)."""
+    if config is None or not config.drops_frames or not inputs.videos:
+        return inputs
+    family = spec.family
+    if family is None or not family.encodes_fewer_frames or spec.frames_per_group != 1:
+        raise ValueError(
+            f"frame_keep (fewer video frames through the vision tower) is not available for {spec.name} "
+            f"({spec.model_type}); the engine refuses it there too"
+        )
+    groups, patches, videos, start = [], [], [], 0
+    passes = list(inputs.vision_patches)
+    for count in inputs.videos:
+        kept = [start + i for i in kept_frames(count, config.frame_keep)]
+        groups += [inputs.visual_groups[i] for i in kept]
+        patches += [passes[i] for i in kept if i < len(passes)]
+        videos.append(len(kept))
+        start += count
+    groups += inputs.visual_groups[start:]
+    patches += passes[start:]
+    return replace(inputs, visual_groups=tuple(groups), vision_patches=tuple(patches), videos=tuple(videos))
+
+
 def visual_tokens_per_layer(spec: ModelSpec, inputs: InputSpec, config: AIMConfig | None) -> tuple[int, list[int]]:
     """``(visual tokens entering the LLM, [visual tokens each decoder layer sees])``, engine rounding."""
     num_layers = spec.llm.num_layers
     if config is None or not config.enabled:
         return inputs.visual_tokens, [inputs.visual_tokens] * num_layers
     ratios = config.keep_ratios(num_layers)
+    inputs = frames_encoded(spec, inputs, config)
     groups = inputs.visual_groups
     if config.temporal_threshold is not None:
         raise ValueError(
@@ -225,7 +250,7 @@ def estimate(
         attention=attention,
         visual_tokens_in_llm=visual_in_llm,
         layers=layers,
-        vision_flops=vision_flops(spec, inputs),
+        vision_flops=vision_flops(spec, inputs, config),
         notes=notes,
     )
 
@@ -241,10 +266,12 @@ def compare(
     )
 
 
-def vision_flops(model: Any, inputs: InputSpec) -> int | None:
+def vision_flops(model: Any, inputs: InputSpec, config: AIMConfig | None = None) -> int | None:
     """Analytic vision tower + projector FLOPs (2 x MACs of its matmuls and attention) for the
-    passes described by ``inputs.vision_patches``; None when unknown. Unchanged by AIM."""
+    passes described by ``inputs.vision_patches``; None when unknown. AIM changes it only with
+    ``config.frame_keep`` (fewer frames encoded)."""
     spec = load_model(model)
+    inputs = frames_encoded(spec, inputs, config)
     v = spec.vision
     if v is None or not inputs.vision_patches:
         return None

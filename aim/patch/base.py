@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -108,6 +109,15 @@ class Controller:
                 "Load it with attn_implementation='sdpa'."
             )
         config.check_depth(self.num_layers)
+        if config.drops_frames and not self.family.encodes_fewer_frames:
+            from ..families import all_families
+
+            allowed = sorted(f.model_type for f in all_families() if f.encodes_fewer_frames)
+            raise ValueError(
+                f"frame_keep={config.frame_keep} (fewer video frames through the vision tower) is available for "
+                f"{allowed}, not {self.family.model_type!r}, whose vision tower encodes frames with positions from "
+                "the frame grid: sample fewer frames in the processor instead, or use temporal_keep"
+            )
         return config
 
     def configure(self, config: AIMConfig) -> None:
@@ -213,7 +223,8 @@ class Controller:
         state.layout_taken = True
         cfg = self.multimodal.config
         token_ids = [getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None)]
-        groups = [self.groups.of(state.recording[m]) for m in ("image", "video")]
+        described = [self.groups.of(state.recording[m]) for m in ("image", "video")]
+        groups = [g for g, _ in described]
         if state.input_ids is None:
             if any(groups):
                 raise ValueError(
@@ -221,7 +232,8 @@ class Controller:
                     "Pass input_ids (and pixel values) instead."
                 )
             return None
-        pairs = [(tid, g, modality == "video") for tid, g, modality in zip(token_ids, groups, ("image", "video")) if tid is not None]
+        pairs = [(tid, g, modality == "video", dropped)
+                 for tid, (g, dropped), modality in zip(token_ids, described, ("image", "video")) if tid is not None]
         layout = build_layout(state.input_ids, pairs)
         if not layout.visual.any():
             return None
@@ -239,36 +251,65 @@ def multimodal_of(model: torch.nn.Module) -> torch.nn.Module:
     return inner if inner is not None and hasattr(inner, "language_model") else model
 
 
+@dataclass
+class EncodedFeatures:
+    """What aim noted about one feature function output: its items as encoded, their merge groups,
+    the feature indices of frames not encoded (`aim.frames`), the fraction of frames encoded, and
+    how long the encoding took when it ran outside the forward that places it (generate() encodes
+    first): a budgeted prefill's measured time includes it."""
+
+    ref: weakref.ref
+    items: list
+    groups: ItemGroups
+    dropped: ItemGroups
+    frame_keep: float = 1.0
+    seconds: float = 0.0
+
+
 class FeatureGroups:
     """The merge groups of each visual-feature output, kept beside the outputs (not on them):
     generate() may encode the features before the forward that places them."""
 
     def __init__(self) -> None:
-        self._table: dict[int, tuple[weakref.ref, list, ItemGroups]] = {}
+        self._table: dict[int, EncodedFeatures] = {}
 
-    def remember(self, output: Any, items: Any, item_groups: ItemGroups) -> None:
+    def remember(self, output: Any, items: Any, item_groups: ItemGroups, dropped: ItemGroups | None = None,
+                 frame_keep: float = 1.0, seconds: float = 0.0) -> None:
+        """Note the merge groups of each item of `output` and, where frames were not encoded
+        (`aim.frames`), the feature indices of those frames (per item, one tensor in a list)."""
         key = id(output)
         ref = weakref.ref(output, lambda _, key=key: self._table.pop(key, None))
-        self._table[key] = (ref, list(items), item_groups)
+        items = list(items)
+        self._table[key] = EncodedFeatures(ref, items, item_groups, dropped if dropped is not None else [[] for _ in items],
+                                           frame_keep, seconds)
 
-    def item_groups(self, output: Any) -> ItemGroups | None:
-        """The groups of each item of ``output.pooler_output`` as it is now (generate() may have
-        repeated the items since they were encoded)."""
+    def entry(self, output: Any) -> EncodedFeatures | None:
+        """What was noted about `output` (None for features aim did not see encoded)."""
         entry = self._table.get(id(output))
-        if entry is None or entry[0]() is not output:
-            return None
-        return match_item_groups(output.pooler_output, entry[1], entry[2])
+        return entry if entry is not None and entry.ref() is output else None
 
-    def of(self, outputs: list) -> list[list[torch.Tensor]]:
+    def item_groups(self, output: Any) -> tuple[ItemGroups, ItemGroups] | None:
+        """The groups and dropped features of each item of ``output.pooler_output`` as it is now
+        (generate() may have repeated the items since they were encoded)."""
+        entry = self.entry(output)
+        if entry is None:
+            return None
+        items = output.pooler_output
+        return match_item_groups(items, entry.items, entry.groups), match_item_groups(items, entry.items, entry.dropped)
+
+    def of(self, outputs: list) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
         """Merge groups (indices into the modality's concatenated features) of recorded outputs,
-        one list per item (image / video, a video's groups in time order)."""
-        items_out: list[list[torch.Tensor]] = []
+        one list per item (image / video, a video's groups in time order), and the same for the
+        features of frames the vision tower did not encode."""
+        groups_out: list[list[torch.Tensor]] = []
+        dropped_out: list[list[torch.Tensor]] = []
         offset = 0
         for output in outputs:
             items = output.pooler_output
-            item_groups = self.item_groups(output)
-            if item_groups is None:
+            described = self.item_groups(output)
+            if described is None:
                 raise NotImplementedError(CHUNKED_PREFILL)
-            items_out.extend([g + offset for g in groups] for groups in flatten_item_groups(items, item_groups))
+            for out, per_item in zip((groups_out, dropped_out), described):
+                out.extend([g + offset for g in groups] for groups in flatten_item_groups(items, per_item))
             offset += sum(item.shape[0] for item in items)
-        return items_out
+        return groups_out, dropped_out

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import logging
 import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
 from ..config import AIMConfig
+from ..frames import encode_kept_frames, without_dropped
 from ..context import CallState, call_options, current_call, options_for, running
 from ..speculative import (current_run, forward_prompt_then_drafted, generate_with_draft, note_target_forward,
                            prompt_split)
 
 if TYPE_CHECKING:  # the controller imports these wrappers
     from .base import Controller
+
+logger = logging.getLogger(__name__)
 
 
 class MultimodalForward:
@@ -47,14 +51,20 @@ class MultimodalForward:
         config = controller.per_call(given) if given is not None else controller.config_in_effect()
         call = self.signature.bind_partial(*args, **kwargs)
         state = CallState(owner=controller, config=config, input_ids=call.arguments.get("input_ids"),
+                          attention_mask=call.arguments.get("attention_mask"),
                           record_positions=options.record_positions,
                           budget=None if given is not None else controller.budget_in_effect(budget))
         if state.budget is not None:
             controller.require_selector()
-        # features encoded before the forward (generate() does this) arrive as mm_encoder_outputs
+        # features encoded before the forward (generate() does this) arrive as mm_encoder_outputs;
+        # their encoding belongs to this prefill's time, and how many frames they hold to its stats
+        encoded_seconds = 0.0
         for modality, output in (call.arguments.get("mm_encoder_outputs") or {}).items():
             if modality in state.recording and output is not None:
                 state.recording[modality].append(output)
+                if (entry := controller.groups.entry(output)) is not None:
+                    encoded_seconds += entry.seconds
+                    state.frame_keep = min(state.frame_keep, entry.frame_keep)
         clock = controller.selector.clock if controller.selector is not None else time.perf_counter
         start = clock()
         started = time.perf_counter()
@@ -62,11 +72,13 @@ class MultimodalForward:
             output = self.original(*args, **kwargs)
         note_target_forward(controller, started)
         if state.choice is not None and state.stats is not None:
-            measured = clock() - start
+            measured = clock() - start + encoded_seconds
             choice = state.choice
             controller.selector.load.observe(measured, choice.predicted_seconds / choice.load_factor)
+            frames = f", frames {state.frame_keep:g}" if state.frame_keep < 1.0 else ""
             state.stats.budget = {
-                "budget": choice.budget.describe(), "point": choice.point, "config": choice.config,
+                "budget": choice.budget.describe(), "point": choice.point + frames, "config": choice.config,
+                "frame_keep": state.frame_keep,
                 "predicted_flops_fraction": choice.predicted_flops_fraction,
                 "predicted_seconds": choice.predicted_seconds, "load_factor": choice.load_factor,
                 "margin": choice.margin,
@@ -106,12 +118,16 @@ class Generate:
                 return self.original(*a, **k)
             # speculative decoding with a text-only draft (aim.speculative)
             return generate_with_draft(self.controller, self.original, a, k, aim_draft, aim_draft_tokens)
+        # generate() encodes images / videos before its first forward: a latency budget chooses the
+        # frames it encodes from the prompt (aim.patch.wrappers.FeatureFunction)
+        prompt = (kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None)), kwargs.get("attention_mask"))
         if aim_config is None and budget is None:
-            return run(*args, **kwargs)
-        if budget is not None:
-            with call_options(self.controller, budget=budget, config=None):
+            with call_options(self.controller, prompt=prompt):
                 return run(*args, **kwargs)
-        with call_options(self.controller, config=self.controller.per_call(aim_config), budget=None):
+        if budget is not None:
+            with call_options(self.controller, budget=budget, config=None, prompt=prompt):
+                return run(*args, **kwargs)
+        with call_options(self.controller, config=self.controller.per_call(aim_config), budget=None, prompt=prompt):
             return run(*args, **kwargs)
 
 
@@ -147,19 +163,64 @@ class FeatureFunction:
             # get_image_features): only the outermost call describes and records its output
             return self.original(*args, **kwargs)
         token = _IN_FEATURES.set(self.controller)
+        controller = self.controller
+        clock = controller.selector.clock if controller.selector is not None else time.perf_counter
         try:
-            return self._record(self.original(*args, **kwargs), args, kwargs)
+            start = clock()
+            call = self.signature.bind_partial(*args, **kwargs)
+            keep = self._frame_keep(call) if self.modality == "video" else 1.0
+            if keep < 1.0:
+                output, dropped = encode_kept_frames(self.original, args, kwargs, call, keep, controller.family.video_markers)
+            else:
+                output, dropped = self.original(*args, **kwargs), None
+            return self._record(output, call, dropped, keep, clock() - start)
         finally:
             _IN_FEATURES.reset(token)
 
-    def _record(self, output, args, kwargs):
+    def _frame_keep(self, call) -> float:
+        """The fraction of each video's frames this encoding keeps: the config's `frame_keep`, or
+        under a latency budget the selector's choice for this prompt (`Selector.frames_for`)."""
+        controller = self.controller
+        state = current_call(controller)
+        if state is not None:
+            budget, config, prompt = state.budget, state.config, (state.input_ids, state.attention_mask)
+        else:  # generate() encoding before its first forward, inside the Generate wrapper's options
+            budget, config, prompt = controller.budget_in_effect(), controller.config_in_effect(), options_for(controller).prompt
+        if budget is None:
+            return config.frame_keep if config.drops_frames else 1.0
+        pixels = call.arguments.get("pixel_values_videos")
+        if (budget.ms is None or controller.selector is None or not controller.family.encodes_fewer_frames
+                or prompt is None or not isinstance(prompt[0], torch.Tensor) or not isinstance(pixels, torch.Tensor)
+                or pixels.ndim != 5):
+            return 1.0
+        from ..budget.select import video_prompt_specs
+
+        cfg = controller.multimodal.config
+        specs = video_prompt_specs(prompt[0], prompt[1], getattr(cfg, "image_token_id", None), cfg.video_token_id,
+                                   pixels.shape[0], pixels.shape[1], controller.family.video_markers)
+        if specs is None:
+            return 1.0
+        keep = controller.selector.frames_for(budget, specs)
+        if keep < 1.0:
+            logger.warning("latency budget %s: no calibrated setting fits whole videos under the current load "
+                           "(x%.2f); encoding %g of each video's frames (evenly spaced)",
+                           budget.describe(), controller.selector.load.factor, keep)
+        return keep
+
+    def _record(self, output, call, dropped, frame_keep: float, seconds: float):
         controller = self.controller
         pooled = getattr(output, "pooler_output", None)
         if pooled is not None:
-            call = self.signature.bind_partial(*args, **kwargs)
             describe = getattr(controller.family, f"{self.modality}_groups")
-            controller.groups.remember(output, pooled, describe(controller.multimodal, pooled, call))
+            groups = describe(controller.multimodal, pooled, call)
+            if dropped is not None:
+                groups = without_dropped(groups, dropped)
             state = current_call(controller)
+            # inside a forward its own clock covers the encoding; before it (generate), it is noted
+            controller.groups.remember(output, pooled, groups, dropped, frame_keep if dropped is not None else 1.0,
+                                       0.0 if state is not None else seconds)
             if state is not None:
                 state.recording[self.modality].append(output)
+                if dropped is not None:
+                    state.frame_keep = min(state.frame_keep, frame_keep)
         return output
