@@ -16,6 +16,7 @@ import sys
 
 from . import flops as F
 from .cli_options import add_aim_options, aim_config
+from .counts import kept_frames
 from .config import AIMConfig
 from .optional import MissingDependency, require
 
@@ -80,6 +81,10 @@ def _aim_summary(config: AIMConfig, report: F.CostReport, num_layers: int) -> st
         if config.merge_schedule else "no merging"
     if config.temporal_merging:
         merge = f"temporal merging keeps {config.temporal_keep:g} of each later frame, then {merge}"
+    if config.drops_frames and report.input.videos:
+        frames = sum(report.input.videos)
+        encoded = sum(len(kept_frames(count, config.frame_keep)) for count in report.input.videos)
+        merge = f"{encoded} of {frames} frames encoded (evenly spaced), then {merge}"
     if not config.prune:
         prune = "no pruning"
     else:

@@ -44,7 +44,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim import apply_aim, last_stats, remove_aim  # noqa: E402
-from aim.budget import PROFILE_FILE, Profile, calibrate, config_space  # noqa: E402
+from aim import flops as F  # noqa: E402
+from aim.budget import PROFILE_FILE, Profile, Selector, calibrate, config_space  # noqa: E402
+from aim.budget.select import FRAME_KEEPS, video_prompt_specs  # noqa: E402
 from aim.study import data  # noqa: E402
 from aim.study.model import DEFAULT_MODEL_DIR, answer_token_ids, load_default_model, model_inputs, to_inputs  # noqa: E402
 from aim.tiny import build_tiny_model, make_inputs  # noqa: E402
@@ -227,9 +229,33 @@ def main(argv: list[str] | None = None) -> int:
     share = cheapest_share(profile)
     print(f"Floor    the cheapest frontier setting took {share:.0%} of the unchanged model's prefill time in "
           f"calibration: with a budget of {args.budget_fraction:.0%} of the unchanged time, a slowdown beyond "
-          f"{args.budget_fraction / share:.1f}x cannot be absorbed")
+          f"{args.budget_fraction / share:.1f}x cannot be absorbed with whole videos")
+    frames_share = fewest_frames_share(model, profile, requests[0].inputs())
+    if frames_share is not None:
+        print(f"         with {min(FRAME_KEEPS):g} of the frames (what a latency budget encodes when nothing fits whole "
+              f"videos), the latency model predicts {frames_share:.0%}: a slowdown beyond "
+              f"{args.budget_fraction / frames_share:.1f}x")
     report(base, budget_ms, fixed_name, phases, cores, args.quantile, torch.get_num_threads())
     return 0
+
+
+def fewest_frames_share(model, profile: Profile, inputs: dict) -> float | None:
+    """The fastest frontier setting's predicted prefill time on the fewest frames a latency budget
+    encodes (`aim.budget.select.FRAME_KEEPS`) over the unchanged model's on the whole video, by the
+    profile's latency model; None where the model cannot encode fewer frames."""
+    pixels = inputs.get("pixel_values_videos")
+    if pixels is None or model.config.model_type not in ("llava_onevision", "llava_next_video"):
+        return None
+    markers = 1 if model.config.model_type == "llava_onevision" else 0
+    specs = video_prompt_specs(inputs["input_ids"], inputs.get("attention_mask"), model.config.image_token_id,
+                               model.config.video_token_id, pixels.shape[0], pixels.shape[1], markers,
+                               keeps=(1.0, min(FRAME_KEEPS)))
+    if specs is None:
+        return None
+    selector = Selector(profile, F.load_model(model.config))
+    off = next(p for p in profile.points if p.name == "off")
+    fewest = min(selector.predict(p, specs[min(FRAME_KEEPS)][0])[1] for p in profile.frontier)
+    return fewest / selector.predict(off, specs[1.0][0])[1]
 
 
 def cheapest_share(profile: Profile) -> float:

@@ -12,6 +12,8 @@ is ``apply_aim(model, enabled=False)``, the unchanged forward):
     temporal+merge  AIMConfig(temporal_keep=0.5, prune=False): each later frame first keeps the half
                   of its tokens least like the frame before (the rest merge into it), then each
                   frame is merged to 25% of what it kept
+    frames 0.5+merge  AIMConfig(frame_keep=0.5, prune=False): the vision tower encodes half of the
+                  frames (evenly spaced), each merged to 25%: the vision tower's time falls too
 
 For each: prefill wall time (median of ``--repeats`` after ``--warmup`` runs) end to end and of the
 LLM part alone (the text decoder's forward, which includes AIM's merging and importance work),
@@ -58,6 +60,7 @@ CONFIGS = {
     "merge-only": AIMConfig(prune=False),
     "merge+prune": AIMConfig(),
     "temporal+merge": AIMConfig(temporal_keep=0.5, prune=False),
+    "frames 0.5+merge": AIMConfig(frame_keep=0.5, prune=False),
 }
 GOAL = 0.8  # measured speedup >= GOAL x analytic ratio
 MiB = 2**20

@@ -251,8 +251,8 @@ class Selector:
         frames: they always encode every frame. The setting itself is chosen after the vision tower,
         on the frames encoded (`choose`); fidelity was calibrated on whole videos, so fewer frames
         are a last resort, taken only where no setting fits the whole video."""
-        if budget.ms is None or len(inputs_by_keep) < 2:
-            return 1.0
+        if budget.ms is None or len(inputs_by_keep) < 2 or self.load.observations == 0:
+            return 1.0  # (before any prefill is measured here, the predictions are another machine's)
         keeps = sorted(inputs_by_keep, reverse=True)
         for keep in keeps:
             if self._search(budget, inputs_by_keep[keep])[0] is not None:
