@@ -138,7 +138,8 @@ class AIMTextForward:
             _check_text_after_visual(visual, chunk_valid)
         extras = _scatter_additions(additions, layout, inputs_embeds) if additions else None
         tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove", extras=extras)
-        visual_before = visual.sum(dim=1)
+        # the visual tokens the vision tower produced (frames it did not encode never existed)
+        visual_before = (visual & ~layout.dropped.to(device) if drops_frames else visual).sum(dim=1)
         generator = torch.Generator().manual_seed(config.seed)  # the random baselines only
         if layout is not None and (config.merges_before_llm or drops_frames):
             merge_before_llm(tokens, layout, config, generator)

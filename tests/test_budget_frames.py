@@ -127,3 +127,33 @@ def test_prompt_specs_before_the_vision_tower_match_the_layout_after(timed_model
         assert specs[keep][0].visual_tokens == stats.visual_tokens_after_merge[0]
         assert specs[keep][0].total_tokens == stats.tokens_per_layer[0][0]
     assert video_prompt_specs(inputs["input_ids"], None, None, model.config.video_token_id, 1, 3, 1) is None  # 8 frames, not 3
+
+
+def test_calibration_tells_the_vision_tower_from_the_constant(monkeypatch):
+    """Every calibration input holds the same number of visual tokens, so the latency model can
+    only learn the vision tower's time per visual token from timings with fewer frames, which
+    calibration adds for families that can encode fewer frames. With a fake clock (vision tower
+    10 ms a frame, LLM 2 ms whatever its tokens), the fitted model predicts 1 frame as well as 4."""
+    import types
+
+    from aim.budget import Candidate, calibrate
+    from aim.budget import calibration
+
+    model = build_tiny_model("llava_onevision", num_layers=4, seed=0)
+    now = [0.0]
+    hooks = [model.model.vision_tower.register_forward_pre_hook(
+                 lambda module, args: now.__setitem__(0, now[0] + SECONDS_PER_FRAME * args[0].shape[0])),
+             model.model.language_model.register_forward_pre_hook(
+                 lambda module, args: now.__setitem__(0, now[0] + LLM_SECONDS))]
+    monkeypatch.setattr(calibration, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    inputs = [make_inputs(model, kind="video", num_frames=4, text_lengths=(6 + i,), seed=i) for i in range(3)]
+    try:
+        profile = calibrate(model, inputs, candidates=[Candidate("merge 0.5", AIMConfig(merge_keep=0.5, prune=False))],
+                            progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tokens = [30] * 4  # the LLM's tokens do not matter to this clock
+    for frames in (4, 2, 1):
+        visual = 16 * frames + 1  # 4x4 pooled tokens a frame + the video newline
+        assert profile.latency.predict(tokens, visual) == pytest.approx(frames * SECONDS_PER_FRAME + LLM_SECONDS, rel=0.02)

@@ -78,6 +78,7 @@ def calibrate(
             reference.append(logp)
             base_flops.append(prefill_flops(spec, stats.tokens_per_layer_of(0)))
             samples.append((stats.tokens_per_layer_of(0), stats.visual_tokens_before_merge[0], took))
+        samples += _fewer_frames_samples(model, inputs, progress)
         # inputs outside, settings inside: a spell of load on a shared machine then slows every
         # setting alike instead of a few settings entirely
         rows: dict[str, list] = {c.name: [] for c in candidates}
@@ -108,6 +109,27 @@ def calibrate(
         latency=latency,
         inputs=description or f"{len(inputs)} inputs",
     )
+
+
+def _fewer_frames_samples(model, inputs: Sequence[dict], progress: bool) -> list:
+    """Timings of the unchanged LLM on fewer frames of each video (`frame_keep` at the fractions a
+    latency budget may encode, `aim.budget.select.FRAME_KEEPS`), for families that can encode fewer
+    frames: every calibration input holds the same number of visual tokens, so without these the
+    latency model could not tell the vision tower's time per visual token from its constant, and
+    would mispredict the prefills that encode fewer frames."""
+    from ..patch import family_for
+    from .select import FRAME_KEEPS
+
+    if not family_for(model).encodes_fewer_frames:
+        return []
+    videos = [x for x in inputs if "pixel_values_videos" in x and x["pixel_values_videos"].shape[1] > 1]
+    samples = []
+    for x in tqdm(videos, desc="timing fewer frames", disable=not progress or not videos, unit="input"):
+        for keep in FRAME_KEEPS[1:]:
+            _, took = _prefill(model, x, AIMConfig(merge_schedule=(), prune=False, frame_keep=keep))
+            stats = last_stats(model)
+            samples.append((stats.tokens_per_layer_of(0), stats.visual_tokens_before_merge[0], took))
+    return samples
 
 
 def _latency_scale(latency: LatencyModel, timed: list) -> float:
