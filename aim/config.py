@@ -110,7 +110,7 @@ class AIMConfig:
             frames kept are evenly spaced from the first to the last (`aim.counts.kept_frames`);
             the others are never encoded, and their placeholder tokens are removed before the
             first decoder layer, so the vision tower, the LLM and the KV cache all see fewer
-            frames. The frames kept keep their own positions (with ``merged_positions=
+            frames (with ``prune_mode="mask"`` they stay in the sequence, masked as keys). The frames kept keep their own positions (with ``merged_positions=
             "contiguous"``, the LLM sees exactly the shorter video). Merging and pruning then
             work on the frames kept. Videos of LLaVA-OneVision and LLaVA-NeXT-Video only (Qwen's
             vision towers encode frames in pairs, with positions from the frame grid: give those

@@ -30,7 +30,7 @@ def merged_token_count(num_tokens: int, schedule: Sequence[float]) -> int:
 def kept_frames(frames: int, keep: float) -> list[int]:
     """Indices of the frames of a `frames`-frame video that the vision tower encodes with
     ``frame_keep=keep``: ``max(1, round(frames * keep))`` of them, evenly spaced from the first
-    frame to the last (``numpy.linspace`` rounded, as LLaVA-Video and lmms-eval sample frames)."""
+    frame to the last (``numpy.linspace`` rounded to the nearest frame)."""
     if frames < 1:
         raise ValueError(f"a video needs at least one frame, got {frames}")
     count = max(1, visual_tokens_kept(frames, keep))

@@ -138,8 +138,9 @@ class AIMTextForward:
             _check_text_after_visual(visual, chunk_valid)
         extras = _scatter_additions(additions, layout, inputs_embeds) if additions else None
         tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove", extras=extras)
+        visual_before = visual.sum(dim=1)
         # the visual tokens the vision tower produced (frames it did not encode never existed)
-        visual_before = (visual & ~layout.dropped.to(device) if drops_frames else visual).sum(dim=1)
+        visual_encoded = (visual & ~layout.dropped.to(device)).sum(dim=1) if drops_frames else visual_before
         generator = torch.Generator().manual_seed(config.seed)  # the random baselines only
         if layout is not None and (config.merges_before_llm or drops_frames):
             merge_before_llm(tokens, layout, config, generator)
@@ -240,7 +241,7 @@ class AIMTextForward:
             _publish(controller, call, _stats(
                 chunk_valid.sum(1).tolist(), visual_before.tolist(), visual_counts, stats_rows,
                 cache if use_cache else None, config.prune_mode, kept_positions,
-                _group_positions(layout) if kept_positions is not None else None,
+                _group_positions(layout) if kept_positions is not None else None, visual_encoded.tolist(),
             ))
         return compat.model_output(hidden, cache if use_cache else None)
 
@@ -393,7 +394,7 @@ def _unchanged_stats(layout: VisualLayout, attention_mask, output, num_layers: i
     return _stats(tokens, visual, visual, [(tokens, visual, length)] * num_layers, compat.output_cache(output), "off")
 
 
-def _stats(input_tokens, visual_before, visual_after, rows, cache, mode, kept=None, groups=None) -> AIMStats:
+def _stats(input_tokens, visual_before, visual_after, rows, cache, mode, kept=None, groups=None, encoded=None) -> AIMStats:
     """The stats of one prefill; `rows` are ``(tokens, visual tokens, sequence length)`` per layer."""
     return AIMStats(
         input_tokens=input_tokens,
@@ -406,4 +407,5 @@ def _stats(input_tokens, visual_before, visual_after, rows, cache, mode, kept=No
         mode=mode,
         kept_visual_positions=kept,
         visual_groups=groups,
+        visual_tokens_encoded=encoded if encoded is not None else list(visual_before),
     )

@@ -24,7 +24,8 @@ def encode_kept_frames(
     original: Callable, args: tuple, kwargs: dict, call: inspect.BoundArguments, keep: float, markers: int
 ) -> tuple[Any, list[list[torch.Tensor]] | None]:
     """Run the video feature function `original` (called with `args`, `kwargs`, bound as `call`)
-    on the kept frames of each video.
+    on the kept frames of each video. Only ``pooler_output`` is laid out for every frame: the
+    tower's ``last_hidden_state`` / ``hidden_states`` in the output hold the kept frames only.
 
     Returns ``(output, dropped)``: the output with ``pooler_output`` laid out for every frame, and
     per video the feature indices of the frames not encoded (one tensor in a list, the shape of
@@ -45,7 +46,12 @@ def encode_kept_frames(
     else:  # given positionally
         index = list(call.signature.parameters).index("pixel_values_videos")
         output = original(*args[:index], pixels[:, kept], *args[index + 1 :], **kwargs)
-    pooled = output.pooler_output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise ValueError(
+            "frame_keep needs the video features as a ModelOutput with pooler_output (the default "
+            f"return_dict=True); got {type(output).__name__}"
+        )
     if not isinstance(pooled, torch.Tensor) or pooled.ndim != 3 or (pooled.shape[1] - markers) % len(kept):
         raise ValueError(
             f"frame_keep: unexpected video features {type(pooled).__name__} "

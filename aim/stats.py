@@ -12,7 +12,10 @@ class AIMStats:
     Attributes:
         input_tokens: tokens of each prompt (padding excluded) as given to the model.
         visual_tokens_before_merge / visual_tokens_after_merge: visual tokens of each prompt
-            before merging and as they entered the LLM.
+            before merging (its visual placeholders, what the unchanged model runs on) and as
+            they entered the LLM.
+        visual_tokens_encoded: of ``visual_tokens_before_merge``, those the vision tower produced:
+            fewer with ``frame_keep`` (frames not encoded), else the same (None: not counted).
         tokens_per_layer: ``[layer][sample]`` tokens each decoder layer processed for each prompt.
         visual_tokens_per_layer: ``[layer][sample]`` of those, how many were visual.
         sequence_length_per_layer: ``[layer]`` length of the hidden-state tensor each layer ran on
@@ -42,6 +45,7 @@ class AIMStats:
     kept_visual_positions: list[tuple[object, list[list[int]]]] | None = None
     visual_groups: list[list[list[int]]] | None = None
     budget: dict | None = None
+    visual_tokens_encoded: list[int] | None = None
 
     def tokens_per_layer_of(self, sample: int) -> list[int]:
         """``[layer]`` tokens each decoder layer processed for prompt ``sample`` of the batch."""

@@ -133,6 +133,8 @@ def request(model, req: Request, **call) -> tuple[float, bool, str]:
     seconds = time.perf_counter() - start
     stats = last_stats(model)
     point = stats.budget["point"] if stats is not None and stats.budget else "fixed"
+    if stats is not None and stats.budget and stats.budget["frame_keep"] < 1.0:
+        point += f", frames {stats.budget['frame_keep']:g}"
     return seconds, req.correct(logits), point
 
 

@@ -68,7 +68,8 @@ def test_equals_the_unpatched_model_on_the_shorter_video(family):
     placeholders = [int(n) for n in (inputs["input_ids"] == model.config.video_token_id).sum(1)]
     frame_tokens = (placeholders[0] - (family == "llava_onevision")) // 4
     # the vision tower produced the tokens of 2 frames of 4; nothing was merged
-    assert stats.visual_tokens_before_merge == stats.visual_tokens_after_merge == [n - 2 * frame_tokens for n in placeholders]
+    assert stats.visual_tokens_before_merge == placeholders
+    assert stats.visual_tokens_encoded == stats.visual_tokens_after_merge == [n - 2 * frame_tokens for n in placeholders]
     # destination positions (the default): the kept frames keep their own positions, a different answer
     apply_aim(model, **ONLY_FRAMES)
     assert not torch.allclose(logits(model, inputs)[:, -1], patched)
@@ -120,13 +121,13 @@ def test_physical_removal_matches_masking_reference(family, attn):
     assert stats.visual_tokens_after_merge[0] < stats.visual_tokens_before_merge[0] / 2  # half the frames, then merging
 
 
-@pytest.mark.parametrize("per_call", [False, True])
+@pytest.mark.parametrize("per_call, batch", [(False, 1), (True, 1), (False, 2)])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generate_with_cache_equals_recomputation(family, per_call):
+def test_generate_with_cache_equals_recomputation(family, per_call, batch):
     """generate() encodes the video before its first forward (transformers >= 5.24): the frames
-    it encodes follow the generation's own config too."""
+    it encodes follow the generation's own config too; a padded batch as well."""
     model = tiny(family)
-    inputs = make_inputs(model, kind="video", batch_size=1, text_lengths=(5,), num_frames=4)
+    inputs = make_inputs(model, kind="video", batch_size=batch, text_lengths=(5, 9)[:batch], num_frames=4)
     config = dict(WITH_AIM, prune_action="merge")
     if per_call:
         apply_aim(model, enabled=False)
@@ -191,3 +192,31 @@ def test_not_available_where_frames_are_encoded_in_pairs():
 def test_bad_frame_keep_is_a_clear_error(value):
     with pytest.raises(ValueError, match=r"frame_keep .* in \(0, 1\]"):
         AIMConfig(frame_keep=value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_feature_function_called_on_its_own_encodes_every_frame(family):
+    """Outside a forward or a generation no engine removes the frames not encoded, so a direct
+    call (feature extraction, features given later as mm_encoder_outputs) encodes them all."""
+    model = tiny(family)
+    inputs = make_inputs(model, kind="video", batch_size=1, num_frames=4)
+    config = model.config
+    args = dict(pixel_values_videos=inputs["pixel_values_videos"], vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy)
+    with torch.no_grad():
+        full = model.model.get_video_features(**args).pooler_output
+        apply_aim(model, frame_keep=0.5)
+        patched = model.model.get_video_features(**args).pooler_output
+    assert torch.equal(patched, full)
+
+
+def test_features_without_pooler_output_are_a_clear_error():
+    model = tiny("llava_onevision")
+    inputs = make_inputs(model, kind="video", batch_size=1, num_frames=4)
+    apply_aim(model, frame_keep=0.5)
+    original = model.model.get_video_features.original
+    with pytest.raises(ValueError, match="pooler_output"):
+        from aim.frames import encode_kept_frames
+        import inspect
+        call = inspect.signature(original).bind_partial(pixel_values_videos=inputs["pixel_values_videos"])
+        encode_kept_frames(lambda **kw: (original(**kw).pooler_output,), (), dict(call.arguments), call, 0.5, 1)

@@ -77,8 +77,8 @@ def calibrate(
             stats = last_stats(model)
             reference.append(logp)
             base_flops.append(prefill_flops(spec, stats.tokens_per_layer_of(0)))
-            samples.append((stats.tokens_per_layer_of(0), stats.visual_tokens_before_merge[0], took))
-        samples += _fewer_frames_samples(model, inputs, progress)
+            samples.append((stats.tokens_per_layer_of(0), stats.visual_tokens_encoded[0], took))
+        samples += _fewer_frames_samples(model, inputs, progress, repeats)
         # inputs outside, settings inside: a spell of load on a shared machine then slows every
         # setting alike instead of a few settings entirely
         rows: dict[str, list] = {c.name: [] for c in candidates}
@@ -111,7 +111,7 @@ def calibrate(
     )
 
 
-def _fewer_frames_samples(model, inputs: Sequence[dict], progress: bool) -> list:
+def _fewer_frames_samples(model, inputs: Sequence[dict], progress: bool, repeats: int = 1) -> list:
     """Timings of the unchanged LLM on fewer frames of each video (`frame_keep` at the fractions a
     latency budget may encode, `aim.budget.select.FRAME_KEEPS`), for families that can encode fewer
     frames: every calibration input holds the same number of visual tokens, so without these the
@@ -126,9 +126,11 @@ def _fewer_frames_samples(model, inputs: Sequence[dict], progress: bool) -> list
     samples = []
     for x in tqdm(videos, desc="timing fewer frames", disable=not progress or not videos, unit="input"):
         for keep in FRAME_KEEPS[1:]:
-            _, took = _prefill(model, x, AIMConfig(merge_schedule=(), prune=False, frame_keep=keep))
+            times = [_prefill(model, x, AIMConfig(merge_schedule=(), prune=False, frame_keep=keep))[1]
+                     for _ in range(max(1, repeats))]
+            took = sorted(times)[len(times) // 2]
             stats = last_stats(model)
-            samples.append((stats.tokens_per_layer_of(0), stats.visual_tokens_before_merge[0], took))
+            samples.append((stats.tokens_per_layer_of(0), stats.visual_tokens_encoded[0], took))
     return samples
 
 
@@ -149,7 +151,7 @@ def _measure(model, spec, candidate: Candidate, x, ref, base, repeats, samples) 
     took = sorted(times)[len(times) // 2]
     stats = last_stats(model)
     tokens = stats.tokens_per_layer_of(0)
-    samples.append((tokens, stats.visual_tokens_before_merge[0], took))
+    samples.append((tokens, stats.visual_tokens_encoded[0], took))
     agree = float(logp.argmax(-1).eq(ref.argmax(-1)).float().mean())
     kl = float((ref.exp() * (ref - logp)).sum(-1).mean())
     return agree, kl, prefill_flops(spec, tokens) / max(base, 1), took

@@ -403,9 +403,10 @@ def video_prompt_specs(input_ids, attention_mask, image_token: int | None, video
     """Before the vision tower runs: for each frame fraction of `keeps`, one `InputSpec` per prompt
     of ``(batch, seq)`` `input_ids` as the LLM would see it with that many frames of each of the
     `videos` videos of `frames` frames (`markers` placeholders per video outside its frames).
-    Image placeholders count as visual tokens no merging reduces (their groups are not known yet;
-    this errs on the dear side). None when the placeholders do not split into equal videos (the
-    model's own placeholder check then reports the mismatch)."""
+    A prompt's image placeholders count as one merge group (their crops are not known here): the
+    estimate errs on the cheap side, so frames are dropped only when even that does not fit.
+    Fractions that keep as many frames as a larger one are left out. None when the placeholders
+    do not split into equal videos (the model's own placeholder check then reports the mismatch)."""
     import torch
 
     from ..counts import kept_frames
@@ -423,12 +424,16 @@ def video_prompt_specs(input_ids, attention_mask, image_token: int | None, video
     counts = [(int(is_video[row].sum()), int(is_image[row].sum()), int(valid[row].sum())) for row in range(input_ids.shape[0])]
     if any(n_video % per_video for n_video, _, _ in counts):
         return None
-    out = {}
-    for keep in keeps:
+    out, seen = {}, set()
+    for keep in sorted(keeps, reverse=True):
         kept = len(kept_frames(frames, keep))
+        if kept in seen:
+            continue
+        seen.add(kept)
         out[keep] = [
-            input_spec(n_valid - n_video - n_image, [per_frame] * (kept * (n_video // per_video)),
-                       markers * (n_video // per_video) + n_image, [kept] * (n_video // per_video))
+            input_spec(n_valid - n_video - n_image,
+                       [per_frame] * (kept * (n_video // per_video)) + ([n_image] if n_image else []),
+                       markers * (n_video // per_video), [kept] * (n_video // per_video))
             for n_video, n_image, n_valid in counts
         ]
     return out

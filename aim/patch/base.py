@@ -113,10 +113,12 @@ class Controller:
             from ..families import all_families
 
             allowed = sorted(f.model_type for f in all_families() if f.encodes_fewer_frames)
+            why = ("whose vision tower encodes frames in pairs with positions from the frame grid: sample fewer "
+                   "frames in the processor instead, or use temporal_keep") if self.family.supports_video \
+                else "which takes no video"
             raise ValueError(
                 f"frame_keep={config.frame_keep} (fewer video frames through the vision tower) is available for "
-                f"{allowed}, not {self.family.model_type!r}, whose vision tower encodes frames with positions from "
-                "the frame grid: sample fewer frames in the processor instead, or use temporal_keep"
+                f"{allowed}, not {self.family.model_type!r}, {why}"
             )
         return config
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import torch
 
 from ..config import AIMConfig
+from ..counts import kept_frames
 from ..frames import encode_kept_frames, without_dropped
 from ..context import CallState, call_options, current_call, options_for, running
 from ..speculative import (current_run, forward_prompt_then_drafted, generate_with_draft, note_target_forward,
@@ -75,9 +76,8 @@ class MultimodalForward:
             measured = clock() - start + encoded_seconds
             choice = state.choice
             controller.selector.load.observe(measured, choice.predicted_seconds / choice.load_factor)
-            frames = f", frames {state.frame_keep:g}" if state.frame_keep < 1.0 else ""
             state.stats.budget = {
-                "budget": choice.budget.describe(), "point": choice.point + frames, "config": choice.config,
+                "budget": choice.budget.describe(), "point": choice.point, "config": choice.config,
                 "frame_keep": state.frame_keep,
                 "predicted_flops_fraction": choice.predicted_flops_fraction,
                 "predicted_seconds": choice.predicted_seconds, "load_factor": choice.load_factor,
@@ -185,7 +185,12 @@ class FeatureFunction:
         if state is not None:
             budget, config, prompt = state.budget, state.config, (state.input_ids, state.attention_mask)
         else:  # generate() encoding before its first forward, inside the Generate wrapper's options
-            budget, config, prompt = controller.budget_in_effect(), controller.config_in_effect(), options_for(controller).prompt
+            prompt = options_for(controller).prompt
+            if prompt is None:
+                # called on its own (feature extraction, or features later given as
+                # mm_encoder_outputs): no engine removes frames there, so encode every frame
+                return 1.0
+            budget, config = controller.budget_in_effect(), controller.config_in_effect()
         if budget is None:
             return config.frame_keep if config.drops_frames else 1.0
         pixels = call.arguments.get("pixel_values_videos")
@@ -201,7 +206,7 @@ class FeatureFunction:
         if specs is None:
             return 1.0
         keep = controller.selector.frames_for(budget, specs)
-        if keep < 1.0:
+        if len(kept_frames(pixels.shape[1], keep)) < pixels.shape[1]:
             logger.warning("latency budget %s: no calibrated setting fits whole videos under the current load "
                            "(x%.2f); encoding %g of each video's frames (evenly spaced)",
                            budget.describe(), controller.selector.load.factor, keep)
