@@ -367,13 +367,17 @@ def test_prefill_benchmark_quick_run():
     spec.loader.exec_module(bench)
     result = bench.run("quick", repeats=1, warmup=0, device="cpu")
     rows = result["rows"]
-    assert list(rows) == ["baseline", "merge-only", "merge+prune", "temporal+merge"]
+    assert list(rows) == ["baseline", "merge-only", "merge+prune", "temporal+merge", "frames 0.5+merge"]
     for row in rows.values():
         assert row["kv_cache_bytes"] == row["analytic_kv_cache_bytes"]  # read from the real cache
         assert row["total_s"] > 0 and row["llm_s"] <= row["total_s"]
     assert rows["baseline"]["analytic_ratio"] == 1.0
     assert 1.0 < rows["merge-only"]["analytic_ratio"] < rows["merge+prune"]["analytic_ratio"]
     assert rows["temporal+merge"]["analytic_ratio"] > rows["merge-only"]["analytic_ratio"]  # fewer tokens than merging alone
+    frames = rows["frames 0.5+merge"]  # half the frames through the tower: the vision estimate halves too
+    assert frames["analytic_ratio"] > rows["merge-only"]["analytic_ratio"]
+    assert frames["analytic_vision_flops"] < 0.6 * rows["merge-only"]["analytic_vision_flops"]
+    assert frames["kv_cache_bytes"] < rows["merge-only"]["kv_cache_bytes"]
     assert "Goal (merge+prune)" in bench.format_result(result)
 
 
