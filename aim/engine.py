@@ -159,6 +159,10 @@ class AIMTextForward:
         ratios = config.keep_ratios(num_layers) if config.enabled else (1.0,) * num_layers
         targets = [[visual_tokens_kept(n, ratio) for n in visual_counts] for ratio in ratios]
 
+        # the schedule on the device, copied at the first pruning layer: one copy, and so one wait
+        # for the device, per call instead of one per pruning layer
+        visual_targets: torch.Tensor | None = None
+
         def fewer(layer_idx: int, counts: list[int]) -> bool:
             return any(t < c for t, c in zip(targets[layer_idx], counts))
 
@@ -183,11 +187,13 @@ class AIMTextForward:
                     importance = random_priority.gather(1, tokens.origin)
                 else:  # every visual token goes: no ranking needed
                     importance = torch.zeros(tokens.valid.shape, device=device)
-                keep_visual = torch.tensor(targets[idx], device=device)
-                keep = select_tokens(importance, tokens.valid, tokens.visual, keep_visual)
+                if visual_targets is None:
+                    visual_targets = torch.tensor(targets, device=device)
+                keep = select_tokens(importance, tokens.valid, tokens.visual, visual_targets[idx])
                 if config.prune_action == "merge":
                     merge_pruned(tokens, keep)
-                tokens.keep(keep)
+                # every text token stays; a row keeps at most the visual tokens it has
+                tokens.keep(keep, [t + min(k, c) for t, k, c in zip(text_counts, targets[idx], current)])
                 current = targets[idx]
                 if kept_positions is not None:
                     kept_positions.append((idx, _visual_origins(tokens)))
@@ -205,7 +211,9 @@ class AIMTextForward:
                     log_sizes = key_log_sizes(tokens, layer_past, past_log_sizes)
                     masks[mask_key] = (key_valid, log_sizes, proportional_mask(key_valid, log_sizes, tokens.valid.shape[1], tokens.hidden.dtype))
                 else:
-                    masks[mask_key] = (key_valid, None, _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, sdpa and layer_past is None))
+                    implicit_ok = sdpa and layer_past is None
+                    mask = _layer_mask(key_valid, tokens.valid.shape[1], tokens.hidden.dtype, implicit_ok, tokens.all_valid)
+                    masks[mask_key] = (key_valid, None, mask)
             key_valid, log_sizes, mask = masks[mask_key]
             if wants_ranking:
                 head_dim = layer.self_attn.head_dim
@@ -298,7 +306,9 @@ def _publish(controller, call, stats: AIMStats) -> None:
         controller.remember(stats)
 
 
-def _layer_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype, implicit_ok: bool) -> torch.Tensor | None:
+def _layer_mask(
+    key_valid: torch.Tensor, query_len: int, dtype: torch.dtype, implicit_ok: bool, all_valid: bool | None = None
+) -> torch.Tensor | None:
     """The layer's 4-D mask, or None where sdpa's own causal mask is the same thing.
 
     `implicit_ok`: sdpa attention and nothing cached before this chunk in this layer (a
@@ -306,9 +316,11 @@ def _layer_mask(key_valid: torch.Tensor, query_len: int, dtype: torch.dtype, imp
     sdpa call use ``is_causal``, whose kernels skip the upper triangle, as the unpatched
     model's do. Not for eager (None means no mask there) and not with a cache (sdpa's
     ``is_causal`` is top-left aligned and transformers then slices the keys). The check costs
-    one device sync per distinct mask of a prefill; decoding steps never make it.
+    one device sync per distinct mask of a prefill, unless `all_valid` says what the host
+    already knows (`TokenSet.all_valid`, after pruning); decoding steps never make it.
     """
-    if implicit_ok and query_len == key_valid.shape[1] and bool(key_valid.all()):
+    every_key_valid = (lambda: all_valid) if all_valid is not None else (lambda: bool(key_valid.all()))
+    if implicit_ok and query_len == key_valid.shape[1] and every_key_valid():
         return None
     return attention_mask_4d(key_valid, query_len, dtype)
 

@@ -16,7 +16,7 @@ import torch
 
 @dataclass
 class VisualLayout:
-    """Visual tokens of one LLM input chunk.
+    """Visual tokens of one LLM input chunk, on the host (`build_layout` places them on the CPU).
 
     visual: ``(batch, seq)`` bool, placeholder positions of images and videos.
     groups: per sample, 1-D tensors of sequence positions merged together (frames / crops).
@@ -119,6 +119,9 @@ def build_layout(
             image / video its groups of feature indices as recorded from the model's feature
             functions, and optionally, per item, the feature indices of frames not encoded.
     """
+    # host work: the recorded groups live on the host, and on a GPU each of the small per-frame
+    # steps below would wait for the device; one copy of the ids instead
+    input_ids = input_ids.cpu()
     batch = input_ids.shape[0]
     visual = torch.zeros_like(input_ids, dtype=torch.bool)
     dropped_mask = torch.zeros_like(visual)

@@ -34,7 +34,7 @@ def merge_before_llm(tokens: TokenSet, layout: VisualLayout, config: AIMConfig, 
         tokens.extras = tokens.extras.clone()
     device = tokens.hidden.device
     for sample, sample_groups in enumerate(layout.groups):
-        groups = [g.to(device) for g in sample_groups]
+        groups = _to_device(sample_groups, device)
         if config.temporal_merging:
             for video in layout.videos[sample] if sample < len(layout.videos) else ():
                 _merge_video(tokens, sample, groups, video, config, keep)
@@ -44,6 +44,13 @@ def merge_before_llm(tokens: TokenSet, layout: VisualLayout, config: AIMConfig, 
         elif config.merge_schedule:
             _merge_groups(tokens, sample, groups, config, keep, generator)
     tokens.keep(keep)
+
+
+def _to_device(groups: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """A prompt's group positions on `device` in one copy (on a GPU, each copy waits for the device)."""
+    if not groups:
+        return []
+    return list(torch.cat(list(groups)).to(device).split([g.numel() for g in groups]))
 
 
 def _values(tokens: TokenSet, sample: int, positions: torch.Tensor) -> torch.Tensor:
@@ -74,9 +81,7 @@ def _prune_video_evs(tokens, sample, groups, video, kept_fraction: float, keep) 
     positions = _video_positions(groups, video, "EVS")
     # scored on the features with the carried ones appended, as vLLM scores Qwen3-VL's (DeepStack included)
     stays = evs_retention(_values(tokens, sample, positions), kept_fraction)
-    keep[sample, positions[~stays]] = False
-    for row, index in enumerate(video):
-        groups[index] = positions[row][stays[row]]
+    _keep_rows(keep, sample, groups, video, positions, stays)
 
 
 def _merge_video(tokens, sample, groups, video, config: AIMConfig, keep) -> None:
@@ -90,9 +95,18 @@ def _merge_video(tokens, sample, groups, video, config: AIMConfig, keep) -> None
     values, sizes = merge_into(_values(tokens, sample, flat), tokens.sizes[sample, flat], dest)
     _store(tokens, sample, flat, values, sizes)
     roots = (dest == torch.arange(dest.numel(), device=dest.device)).view(count, n)
-    keep[sample, positions[~roots]] = False
+    _keep_rows(keep, sample, groups, video, positions, roots)
+
+
+def _keep_rows(keep, sample, groups, video, positions: torch.Tensor, stays: torch.Tensor) -> None:
+    """Drop the video's tokens where `stays` ``(T, n)`` is False; each frame's group keeps the rest,
+    in order. One wait for the device (the counts), not one per frame as boolean indexing would."""
+    flat = positions.flatten()
+    keep[sample, flat] = keep[sample, flat] & stays.flatten()
+    counts = stays.sum(dim=1).tolist()
+    first = positions.gather(1, torch.argsort((~stays).to(torch.int8), dim=1, stable=True))  # kept first, in order
     for row, index in enumerate(video):
-        groups[index] = positions[row][roots[row]]
+        groups[index] = first[row, : counts[row]]
 
 
 def _merge_groups(tokens, sample, groups, config: AIMConfig, keep, generator) -> None:

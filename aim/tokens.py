@@ -139,17 +139,36 @@ class TokenSet:
         self.remove = remove
         self.version = 0  # bumped whenever the slots change
         self.compacted = False
-        self.finished = torch.zeros_like(hidden) if remove else None  # outputs of removed slots
+        # whether every slot is valid, where the host knows it without asking the device (None: unknown)
+        self.all_valid: bool | None = None
+        self.input_width = width
+        # outputs of removed slots at their input positions, plus one spare column that padding
+        # slots write to (a scatter instead of boolean indexing: no device sync)
+        self.finished = hidden.new_zeros(batch, width + 1, hidden.shape[-1]) if remove else None
 
-    def keep(self, keep: torch.Tensor) -> None:
-        """Keep only the slots where `keep` is True (text tokens are never passed as False)."""
+    def keep(self, keep: torch.Tensor, counts: list[int] | None = None) -> None:
+        """Keep only the slots where `keep` is True (text tokens are never passed as False).
+
+        `counts`: how many slots each row keeps, where the caller knows it on the host (the
+        pruning schedule does): compacting then waits for the device nowhere, which on a GPU
+        lets the host queue the next layer's kernels while this one runs.
+        """
         self.version += 1
         if not self.remove:
             self.valid = self.valid & keep
+            self.all_valid = None
             return
         self._save_outputs()
-        counts = keep.sum(dim=1)
-        width = int(counts.max()) if counts.numel() else 0
+        kept = keep.sum(dim=1)
+        if counts is None:
+            width = int(kept.max()) if kept.numel() else 0
+            self.all_valid = None
+        else:
+            if not keep.is_cuda and kept.tolist() != list(counts):  # free off the GPU: no sync to wait for
+                raise RuntimeError(f"keep() was told the rows keep {list(counts)} slots, the mask keeps {kept.tolist()}")
+            width = max(counts, default=0)
+            self.all_valid = len(set(counts)) <= 1  # equal rows: no left padding
+        counts = kept
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept slots first, in order
         rank = torch.arange(width, device=keep.device) - (width - counts).unsqueeze(1)  # left padding
         pad = rank < 0
@@ -170,13 +189,14 @@ class TokenSet:
 
     def stays(self) -> torch.Tensor:
         """``(batch, seq)``: the input slots still present."""
-        present = torch.zeros(self.origin.shape[0], self.finished.shape[1] if self.remove else self.valid.shape[1],
+        present = torch.zeros(self.origin.shape[0], self.input_width if self.remove else self.valid.shape[1],
                               dtype=torch.int32, device=self.valid.device)
         return present.scatter_add_(1, self.origin, self.valid.int()) > 0
 
     def _save_outputs(self) -> None:
-        rows = torch.arange(self.valid.shape[0], device=self.valid.device).unsqueeze(1).expand_as(self.valid)
-        self.finished[rows[self.valid], self.origin[self.valid]] = self.hidden[self.valid]
+        # every valid slot has its own input position; padding slots all write to the spare column
+        index = self.origin.masked_fill(~self.valid, self.input_width)
+        self.finished.scatter_(1, index.unsqueeze(-1).expand_as(self.hidden), self.hidden)
 
     def outputs(self) -> torch.Tensor:
         """Hidden states in the chunk's original positions. Text tokens are exact; a removed
@@ -184,7 +204,7 @@ class TokenSet:
         if not self.compacted:
             return self.hidden
         self._save_outputs()
-        return self.finished
+        return self.finished[:, : self.input_width]
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
