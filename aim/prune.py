@@ -74,7 +74,9 @@ def select_tokens(
     Returns a ``(batch, N)`` bool mask of tokens that stay.
     """
     candidates = valid & visual
-    ranked = importance.float().masked_fill(~candidates, float("-inf"))
+    # a candidate never ranks with the non-candidates (-inf): the engine relies on each row keeping
+    # exactly min(keep_visual, candidates) tokens, and a -inf importance would tie with them
+    ranked = importance.float().clamp_min(torch.finfo(torch.float32).min).masked_fill(~candidates, float("-inf"))
     order = ranked.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))

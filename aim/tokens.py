@@ -164,13 +164,12 @@ class TokenSet:
             width = int(kept.max()) if kept.numel() else 0
             self.all_valid = None
         else:
-            if not keep.is_cuda and kept.tolist() != list(counts):  # free off the GPU: no sync to wait for
+            if keep.device.type == "cpu" and kept.tolist() != list(counts):  # on the CPU nothing waits for a device
                 raise RuntimeError(f"keep() was told the rows keep {list(counts)} slots, the mask keeps {kept.tolist()}")
             width = max(counts, default=0)
             self.all_valid = len(set(counts)) <= 1  # equal rows: no left padding
-        counts = kept
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept slots first, in order
-        rank = torch.arange(width, device=keep.device) - (width - counts).unsqueeze(1)  # left padding
+        rank = torch.arange(width, device=keep.device) - (width - kept).unsqueeze(1)  # left padding
         pad = rank < 0
         gather = order.gather(1, rank.clamp_min(0)).masked_fill(pad, 0)
         self.hidden = _take(self.hidden, gather)

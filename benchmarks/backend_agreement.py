@@ -4,16 +4,17 @@ tests/test_kernels.py holds each kernel to its reference op by op; this script h
 patched model to itself: the same random-weight LLaVA-OneVision as benchmarks/prefill.py, the same
 video prompt, each AIM configuration run once with ``AIM_BACKEND=torch`` (the references) and once
 with ``AIM_BACKEND=triton`` (the kernels, which need CUDA or ``TRITON_INTERPRET=1``). It prints,
-per configuration, the tokens each layer kept under both backends, the relative difference of the
-last-position logits, and whether the greedy next token agrees. Kept-token counts must be equal;
+per configuration, the tokens the first and last layers kept under both backends, whether the same
+input positions were kept at every stage (merging and each pruning layer), the relative difference
+of the last-position logits, and whether the greedy next token agrees. The kept positions must be equal;
 the logits differ by rounding only (the kernels use tf32 / bf16 tensor-core dots where the
-reference uses float32 matmuls), unless a near-tie in the similarity or the importance ranking
-picked a different token, which the "same kept counts" column cannot see but the logits can.
+reference uses float32 matmuls), and differ more where a near-tie in the similarity or the
+importance ranking picked a different token (then "same kept" is False).
 
     python benchmarks/backend_agreement.py              # GPU: the 0.5b preset of prefill.py
     TRITON_INTERPRET=1 python benchmarks/backend_agreement.py --quick   # CPU, through the interpreter
 
-Exit status 1 when a configuration's kept counts differ or its logits differ by more than --tol.
+Exit status 1 when a configuration's kept positions differ or its logits differ by more than --tol.
 """
 
 from __future__ import annotations
@@ -31,17 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefill import CONFIGS, SIZES, build_model  # noqa: E402
 
 from aim import apply_aim, last_stats, remove_aim  # noqa: E402
+from aim.patch import recording_positions  # noqa: E402
 from aim.tiny import make_inputs  # noqa: E402
 
 
-def run_backend(model, inputs: dict, backend: str) -> tuple[torch.Tensor, list[int]]:
-    """Last-position logits (float32, on the CPU) and tokens per layer under one backend."""
+def run_backend(model, inputs: dict, backend: str) -> tuple[torch.Tensor, list[int], list]:
+    """Last-position logits (float32, on the CPU), tokens per layer, and the input positions of
+    the visual tokens each stage kept, under one backend."""
     previous = os.environ.get("AIM_BACKEND")
     os.environ["AIM_BACKEND"] = backend  # aim.dispatch reads it at each call
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), recording_positions(model):
             logits = model(**inputs, use_cache=False).logits[:, -1].float().cpu()
-        return logits, [layer[0] for layer in last_stats(model).tokens_per_layer]
+        stats = last_stats(model)
+        return logits, [layer[0] for layer in stats.tokens_per_layer], stats.kept_visual_positions
     finally:
         if previous is None:
             del os.environ["AIM_BACKEND"]
@@ -79,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             if not config.enabled:
                 continue
             apply_aim(model, config)
-            ref_logits, ref_kept = run_backend(model, inputs, "torch")
-            ker_logits, ker_kept = run_backend(model, inputs, "triton")
+            ref_logits, ref_kept, ref_positions = run_backend(model, inputs, "torch")
+            ker_logits, ker_kept, ker_positions = run_backend(model, inputs, "triton")
             rel = float((ker_logits - ref_logits).norm() / ref_logits.norm())
-            same_kept = ref_kept == ker_kept
+            # the same input positions kept at every stage (the counts alone are fixed by the schedule)
+            same_kept = ref_positions == ker_positions and ref_kept == ker_kept
             same_argmax = bool((ker_logits.argmax(-1) == ref_logits.argmax(-1)).all())
             failed |= not same_kept or not rel <= tol
             print(f"{config_name:18} {f'{ref_kept[0]}->{ref_kept[-1]}':>14} {f'{ker_kept[0]}->{ker_kept[-1]}':>14}"

@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/gpu_run.sh OUT_DIR [SCALE]
 #   STEPS="env prefill_7b" bash benchmarks/gpu_run.sh OUT_DIR     # some steps only
-# SCALE multiplies every step's time limit (default 1: about 5 minutes in all on one H200, the
+# SCALE multiplies every step's time limit (default 1: about 4 minutes in all on one H200, the
 # machine's start not counted).
 set -u
 out=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR [SCALE]}

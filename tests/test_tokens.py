@@ -88,3 +88,39 @@ def test_layer_mask_trusts_the_host_and_checks_otherwise():
     # not a prefill (or eager attention): always the explicit mask, whatever the host says
     assert torch.equal(_layer_mask(valid, 5, torch.float32, implicit_ok=False, all_valid=True),
                        attention_mask_4d(valid, 5, torch.float32))
+
+
+def test_outputs_with_unequal_rows_match_the_boolean_index_formula():
+    # after a first compaction the shorter row is left-padded; a second compaction must save the
+    # kept slots' states at their input positions and write nothing where padding sits
+    valid, visual = _prompts()
+    tokens = _tokens(valid, visual)
+    before = tokens.hidden.clone()
+    first = valid & ~visual
+    first[0, 2:6] = True  # row 0 keeps 4 visual slots, row 1 keeps 1
+    first[1, 4] = True
+    tokens.keep(first, first.sum(1).tolist())
+    assert not tokens.all_valid
+    tokens.hidden = tokens.hidden * 2.0 + 1.0
+    expected = torch.zeros_like(before)
+    expected[valid & ~first] = before[valid & ~first]  # removed by the first compaction, as they were then
+    rows = torch.arange(2).unsqueeze(1).expand_as(tokens.valid)
+    expected[rows[tokens.valid], tokens.origin[tokens.valid]] = tokens.hidden[tokens.valid]
+    second = tokens.valid & ~tokens.visual
+    tokens.keep(second, second.sum(1).tolist())
+    out = tokens.outputs()
+    rows = torch.arange(2).unsqueeze(1).expand_as(tokens.valid)
+    stays = torch.zeros_like(valid)
+    stays[rows[tokens.valid], tokens.origin[tokens.valid]] = True
+    assert torch.equal(out[~stays], expected[~stays])  # removed slots: their state when removed; padding: zeros
+    assert torch.equal(out[stays], expected[stays])  # text slots: unchanged since, so the same
+
+
+def test_select_tokens_keeps_candidates_ranked_minus_infinity():
+    from aim.prune import select_tokens
+
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    visual = torch.tensor([[False, True, True, True, True, False]])
+    importance = torch.tensor([[0.0, float("-inf"), float("-inf"), 1.0, float("-inf"), 0.0]])
+    keep = select_tokens(importance, valid, visual, torch.tensor([3]))
+    assert int((keep & visual).sum()) == 3 and bool(keep[0, 3]) and bool(keep[0, 0] & keep[0, 5])
