@@ -319,8 +319,7 @@ def _layer_mask(
     one device sync per distinct mask of a prefill, unless `all_valid` says what the host
     already knows (`TokenSet.all_valid`, after pruning); decoding steps never make it.
     """
-    every_key_valid = (lambda: all_valid) if all_valid is not None else (lambda: bool(key_valid.all()))
-    if implicit_ok and query_len == key_valid.shape[1] and every_key_valid():
+    if implicit_ok and query_len == key_valid.shape[1] and (all_valid if all_valid is not None else bool(key_valid.all())):
         return None
     return attention_mask_4d(key_valid, query_len, dtype)
 

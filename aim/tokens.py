@@ -188,7 +188,7 @@ class TokenSet:
 
     def stays(self) -> torch.Tensor:
         """``(batch, seq)``: the input slots still present."""
-        present = torch.zeros(self.origin.shape[0], self.input_width if self.remove else self.valid.shape[1],
+        present = torch.zeros(self.origin.shape[0], self.input_width,
                               dtype=torch.int32, device=self.valid.device)
         return present.scatter_add_(1, self.origin, self.valid.int()) > 0
 
