@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aim import apply_aim, last_stats, remove_aim  # noqa: E402
 from aim import flops as F  # noqa: E402
 from aim.budget import PROFILE_FILE, Profile, Selector, calibrate, config_space  # noqa: E402
-from aim.budget.select import FRAME_KEEPS, video_prompt_specs  # noqa: E402
+from aim.budget.inputs import FRAME_KEEPS, video_prompt_specs  # noqa: E402
 from aim.study import data  # noqa: E402
 from aim.study.model import DEFAULT_MODEL_DIR, answer_token_ids, load_default_model, model_inputs, to_inputs  # noqa: E402
 from aim.tiny import build_tiny_model, make_inputs  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim import flops as F
 from aim.budget import Budget, Candidate, Fidelity, LatencyModel, LoadTracker, Point, Profile, Selector, calibrate, model_fingerprint, monotone_fidelity, pareto_frontier
-from aim.budget.select import input_spec
+from aim.budget.inputs import input_spec
 from aim.tiny import build_tiny_model, make_inputs
 
 CANDIDATES = [

@@ -13,7 +13,7 @@ from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim import flops as F
 from aim.budget import Budget, Fidelity, LatencyModel, Point, Profile, Selector, model_fingerprint, monotone_fidelity
 from aim.budget.curves import KEEP_STEP, MAX_GAP, keep_curves
-from aim.budget.select import input_spec
+from aim.budget.inputs import input_spec
 from aim.budget.space import setting_name
 from aim.tiny import build_tiny_model, make_inputs
 

@@ -10,7 +10,7 @@ import torch
 
 from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim.budget import LatencyModel, Profile, model_fingerprint
-from aim.budget.select import FRAME_KEEPS, video_prompt_specs
+from aim.budget.inputs import FRAME_KEEPS, video_prompt_specs
 from aim.counts import kept_frames
 from aim.patch import _controller_of
 from aim.tiny import build_tiny_model, make_inputs

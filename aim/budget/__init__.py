@@ -20,7 +20,7 @@ _EXPORTS = {
     "calibrate": "calibration",
     "PROFILE_FILE": "profile", "Fidelity": "profile", "LatencyModel": "profile", "Point": "profile", "Profile": "profile",
     "model_fingerprint": "profile", "monotone_fidelity": "profile", "pareto_frontier": "profile",
-    "Budget": "select", "Choice": "select", "LoadTracker": "select", "Selector": "select",
+    "Budget": "select", "Choice": "select", "LoadTracker": "load", "Selector": "select",
     "Candidate": "space", "config_space": "space",
 }
 __all__ = sorted(_EXPORTS)

@@ -118,7 +118,7 @@ def _fewer_frames_samples(model, inputs: Sequence[dict], progress: bool, repeats
     latency model could not tell the vision tower's time per visual token from its constant, and
     would mispredict the prefills that encode fewer frames."""
     from ..patch import family_for
-    from .select import FRAME_KEEPS
+    from .inputs import FRAME_KEEPS
 
     if not family_for(model).encodes_fewer_frames:
         return []

@@ -1,4 +1,4 @@
-"""Choosing a setting for one request, and correcting latency predictions under load.
+"""Choosing a setting for one request.
 
 For each prefill the engine describes the input by its token counts (`input_spec`), predicts the
 cost of every frontier point *for that input* (FLOPs fraction from the FLOPs model; seconds from
@@ -7,22 +7,10 @@ prediction fits the budget, or a merge keep fraction between two calibrated ones
 its interpolated fidelity is higher (`aim.budget.curves`). Below the cheapest point: a clear
 error, never a silent overrun.
 
-Load correction (`LoadTracker`): after each budgeted prefill, the ratio measured / predicted
-seconds enters an exponential moving average. The factor the choice uses moves to that average
-only when it leaves a dead band around the factor in use (hysteresis), so aim moves to cheaper
-points when the machine is shared and back when the load ends, without flapping on noise. A
-slowdown is followed faster than a speed-up (a deadline cannot wait): when two calls in a row
-measure ratios beyond the band and beyond the measured noise (its 90% quantile), the factor moves
-to their geometric mean at once, where the moving average would take several calls (and, once the
-factor had moved part of the way, leave the rest to the margin below). The
-first few measured ratios replace the 1.0 prior outright (their plain mean is the factor): the
-profile's latency model was fitted on the machine (and at the moment) of calibration, and the
-first calls tell how fast this one is.
-
-A latency budget holds for a quantile of prefills (default 0.9): the typical (load-corrected)
-prediction is raised by a margin, the log-normal quantile of the measured spread of the ratio,
-estimated from successive differences so that a change of load counts once, not as lasting noise,
-times the slowdown the moving average shows beyond the factor in use (inside the dead band).
+Load correction (`aim.budget.load.LoadTracker`): after each budgeted prefill the ratio measured /
+predicted seconds corrects the predictions, so aim moves to cheaper points when the machine is
+shared and back when the load ends; a latency budget holds for a quantile of prefills (default
+0.9) through a margin from the measured spread of that ratio.
 
 Until the first measurement, a latency budget below the cheapest point's prediction runs the
 cheapest point as a best effort with a warning (the prediction is not yet checked on this
@@ -35,15 +23,14 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Callable
 
 from ..config import AIMConfig
 from ..flops import InputSpec, ModelSpec
 from ..flops.cost import estimate
 from .curves import KEEP_STEP, keep_curves
+from .load import LoadTracker
 from .profile import Fidelity, Point, Profile, monotone_fidelity
 from .space import costs, setting_name
 
@@ -101,102 +88,6 @@ class Choice:
     load_factor: float
     margin: float = 1.0
     measured_seconds: float | None = None
-
-
-class LoadTracker:
-    """Moving average of measured / predicted prefill seconds, with hysteresis, and the spread of
-    that ratio (module docstring).
-
-    Args:
-        alpha: weight of the newest ratio in the moving average.
-        band: relative dead band: the factor in use changes only when the average leaves
-            ``[factor / (1 + band), factor * (1 + band)]``.
-        warmup: the first `warmup` ratios set the factor to their plain mean (no prior, no band).
-        spread_alpha: weight of the newest half squared successive difference of log ratios in
-            the spread (slower than the average, so a latency quantile's margin does not swing
-            with each call).
-        confirm: successive calls whose ratios must all pass ``factor * (1 + band)`` times the
-            noise quantile `attack_quantile` of the spread for the factor to move to their
-            geometric mean at once (a slowdown); 0 turns this off (the moving average alone).
-    """
-
-    def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5, spread_alpha: float = 0.1,
-                 confirm: int = 2, attack_quantile: float = 0.9) -> None:
-        self.alpha, self.band, self.warmup, self.spread_alpha = alpha, band, warmup, spread_alpha
-        self.confirm, self.attack_z = confirm, NormalDist().inv_cdf(attack_quantile)
-        self._above: list[float] = []  # log ratios of the latest calls in a row beyond the attack threshold
-        self.average = 1.0
-        self.factor = 1.0
-        self.quietest = 1.0  # the lowest factor measured: this machine's speed when quiet
-        self.spread = 0.0  # variance of log(ratio) from successive differences: how much prefill times vary
-        self.level = 0.0  # moving mean of log(ratio) (weight spread_alpha): the typical ratio, less noisy than `average`
-        self.observations = 0
-        self._warmup_logs: list[float] = []  # log ratios of the warmup calls
-        self._last_log: float | None = None  # log ratio of the latest call
-        self._lock = threading.Lock()  # one model, many threads
-
-    def observe(self, measured: float, predicted: float) -> None:
-        if predicted <= 0 or measured <= 0:
-            return
-        with self._lock:
-            ratio = measured / predicted
-            self.observations += 1
-            if self.observations <= self.warmup:
-                # the 1.0 before them is a prior (the calibrating machine's speed), not a measurement;
-                # a mean of several, since the first call after patching is often slow
-                previous = 0.0 if self.observations == 1 else self.average
-                self.average = self.factor = previous + (ratio - previous) / self.observations
-                self.quietest = self.factor if self.observations == 1 else min(self.quietest, self.factor)
-                logs = self._warmup_logs
-                logs.append(math.log(ratio))
-                steps = [(b - a) ** 2 / 2 for a, b in zip(logs, logs[1:])]
-                self.spread = sum(steps) / len(steps) if steps else 0.0
-                self._last_log = logs[-1]
-                self.level = sum(logs) / len(logs)
-                return
-            log = math.log(ratio)
-            # the attack threshold: the factor in use and the noise measured before this call (a
-            # step of load enters the spread once, as one large successive difference)
-            threshold = math.log(self.factor * (1 + self.band)) + self.attack_z * math.sqrt(self.spread)
-            self._above = self._above + [log] if self.confirm and log > threshold else []
-            self.average = (1 - self.alpha) * self.average + self.alpha * ratio
-            # successive differences (von Neumann): a change of load is one large step, not a long
-            # run of deviations from a lagging average; for independent noise E[step^2] = 2 var
-            if self._last_log is not None:
-                step = log - self._last_log
-                self.spread = (1 - self.spread_alpha) * self.spread + self.spread_alpha * step * step / 2
-            self._last_log = log
-            self.level = (1 - self.spread_alpha) * self.level + self.spread_alpha * log
-            confirmed = self.confirm and len(self._above) >= self.confirm
-            attack = math.exp(sum(self._above) / len(self._above)) if confirmed else 0.0
-            if attack > self.factor:
-                # a slowdown several calls in a row confirm: follow it now, not over the average's lag
-                self.factor = self.average = attack
-                self._above = []
-            elif not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
-                if self.average < self.factor:
-                    self._above = []  # a speed-up: a slowdown starts counting again
-                self.factor = self.average
-                self.quietest = min(self.quietest, self.factor)
-
-    def margin(self, quantile: float) -> float:
-        """How much a prediction (load factor included) is raised so that `quantile` of prefills
-        fit: the log-normal quantile of the measured spread, times how much slower the typical
-        ratio (`level`) is than the factor in use when it is, i.e. a slowdown still inside the dead band
-        counts at once (a deadline cannot wait for the band to be left; a speed-up still waits).
-        1.0 for the median: the typical time, with the band's hysteresis."""
-        if quantile <= 0.5:
-            return 1.0
-        with self._lock:
-            drift = max(1.0, math.exp(self.level) / self.factor)
-            spread = self.spread
-        return drift * math.exp(NormalDist().inv_cdf(quantile) * math.sqrt(spread))
-
-
-def input_spec(text_tokens: int, groups: list[int], markers: int, video_groups: list[int]) -> InputSpec:
-    """An `InputSpec` from one prompt's counts: `groups` are its frame / crop sizes, of which the
-    runs in `video_groups` (groups per video) are videos (their groups must come first)."""
-    return InputSpec(text_tokens=text_tokens, visual_groups=tuple(groups), marker_tokens=markers, videos=tuple(video_groups))
 
 
 class Selector:
@@ -393,66 +284,3 @@ class Selector:
             if fidelity > floor:
                 best, floor = (setting_name(config, num_layers), lambda c=config: c, found[1], found[2]), fidelity
         return best
-
-
-FRAME_KEEPS = (1.0, 0.5, 0.25)  # the fractions of each video's frames a latency budget may encode
-
-
-def video_prompt_specs(input_ids, attention_mask, image_token: int | None, video_token: int, videos: int, frames: int,
-                       markers: int, keeps: tuple[float, ...] = FRAME_KEEPS) -> dict[float, list[InputSpec]] | None:
-    """Before the vision tower runs: for each frame fraction of `keeps`, one `InputSpec` per prompt
-    of ``(batch, seq)`` `input_ids` as the LLM would see it with that many frames of each of the
-    `videos` videos of `frames` frames (`markers` placeholders per video outside its frames).
-    A prompt's image placeholders count as one merge group (their crops are not known here): the
-    estimate errs on the cheap side, so frames are dropped only when even that does not fit.
-    Fractions that keep as many frames as a larger one are left out. None when the placeholders
-    do not split into equal videos (the model's own placeholder check then reports the mismatch)."""
-    import torch
-
-    from ..counts import kept_frames
-
-    valid = torch.ones_like(input_ids, dtype=torch.bool)
-    if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape == input_ids.shape:
-        valid = attention_mask.to(input_ids.device).bool()
-    is_video = (input_ids == video_token) & valid
-    is_image = (input_ids == image_token) & valid if image_token is not None else torch.zeros_like(valid)
-    total = int(is_video.sum())
-    if videos < 1 or frames < 1 or total % videos or total // videos <= markers or (total // videos - markers) % frames:
-        return None
-    per_video = total // videos
-    per_frame = (per_video - markers) // frames
-    counts = [(int(is_video[row].sum()), int(is_image[row].sum()), int(valid[row].sum())) for row in range(input_ids.shape[0])]
-    if any(n_video % per_video for n_video, _, _ in counts):
-        return None
-    out, seen = {}, set()
-    for keep in sorted(keeps, reverse=True):
-        kept = len(kept_frames(frames, keep))
-        if kept in seen:
-            continue
-        seen.add(kept)
-        out[keep] = [
-            input_spec(n_valid - n_video - n_image,
-                       [per_frame] * (kept * (n_video // per_video)) + ([n_image] if n_image else []),
-                       markers * (n_video // per_video), [kept] * (n_video // per_video))
-            for n_video, n_image, n_valid in counts
-        ]
-    return out
-
-
-def layout_specs(layout, valid) -> list[InputSpec]:
-    """One `InputSpec` per prompt of a chunk, from its visual layout (`aim.layout.VisualLayout`)
-    and ``(batch, seq)`` padding mask: text tokens, frame / crop sizes (videos first), markers."""
-    placeholders = layout.visual.to(valid.device) & valid
-    # frames the vision tower did not encode (frame_keep) never reach the LLM: neither text nor visual
-    visual = placeholders & ~layout.dropped.to(valid.device) if layout.dropped is not None else placeholders
-    specs = []
-    for sample in range(valid.shape[0]):
-        groups = layout.groups[sample] if sample < len(layout.groups) else []
-        videos = layout.videos[sample] if sample < len(layout.videos) else []
-        in_video = [i for video in videos for i in video]
-        rest = [i for i in range(len(groups)) if i not in set(in_video)]
-        sizes = [int(groups[i].numel()) for i in in_video + rest]
-        n_visual = int(visual[sample].sum())
-        text = int(valid[sample].sum()) - int(placeholders[sample].sum())
-        specs.append(input_spec(text, sizes, n_visual - sum(sizes), [len(v) for v in videos]))
-    return specs

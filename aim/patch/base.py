@@ -141,7 +141,7 @@ class Controller:
 
     def choose(self, call: CallState, layout: VisualLayout, valid: torch.Tensor) -> AIMConfig:
         """The config a budgeted call runs: the selector's choice for this input (kept on the call)."""
-        from ..budget.select import layout_specs
+        from ..budget.inputs import layout_specs
 
         self.require_selector()
         call.choice = self.selector.choose(call.budget, layout_specs(layout, valid))

@@ -198,7 +198,7 @@ class FeatureFunction:
                 or prompt is None or not isinstance(prompt[0], torch.Tensor) or not isinstance(pixels, torch.Tensor)
                 or pixels.ndim != 5):
             return 1.0
-        from ..budget.select import video_prompt_specs
+        from ..budget.inputs import video_prompt_specs
 
         cfg = controller.multimodal.config
         specs = video_prompt_specs(prompt[0], prompt[1], getattr(cfg, "image_token_id", None), cfg.video_token_id,
