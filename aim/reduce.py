@@ -16,7 +16,7 @@ from .config import AIMConfig
 from .layout import VisualLayout
 from .merge import best_match
 from .temporal import merge_into, temporal_destinations
-from .tokens import TokenSet
+from .tokens import TokenSet, kept_first
 
 
 def merge_before_llm(tokens: TokenSet, layout: VisualLayout, config: AIMConfig, generator: torch.Generator) -> None:
@@ -104,7 +104,7 @@ def _keep_rows(keep, sample, groups, video, positions: torch.Tensor, stays: torc
     flat = positions.flatten()
     keep[sample, flat] = keep[sample, flat] & stays.flatten()
     counts = stays.sum(dim=1).tolist()
-    first = positions.gather(1, torch.argsort((~stays).to(torch.int8), dim=1, stable=True))  # kept first, in order
+    first = positions.gather(1, kept_first(stays))
     for row, index in enumerate(video):
         groups[index] = first[row, : counts[row]]
 

@@ -168,7 +168,7 @@ class TokenSet:
                 raise RuntimeError(f"keep() was told the rows keep {list(counts)} slots, the mask keeps {kept.tolist()}")
             width = max(counts, default=0)
             self.all_valid = len(set(counts)) <= 1  # equal rows: no left padding
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept slots first, in order
+        order = kept_first(keep)
         rank = torch.arange(width, device=keep.device) - (width - kept).unsqueeze(1)  # left padding
         pad = rank < 0
         gather = order.gather(1, rank.clamp_min(0)).masked_fill(pad, 0)
@@ -204,6 +204,13 @@ class TokenSet:
             return self.hidden
         self._save_outputs()
         return self.finished[:, : self.input_width]
+
+
+def kept_first(keep: torch.Tensor) -> torch.Tensor:
+    """``(rows, n)`` indices of each row's True entries of `keep` first, in order, then its False
+    ones: gathering by it compacts rows without boolean indexing (which would wait for the device
+    to learn each row's count)."""
+    return torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
