@@ -1,8 +1,8 @@
 """The LLM forward that merges and prunes visual tokens.
 
 It replaces the forward of the model's text decoder (``model.model.language_model``)
-while AIM is applied. Written for transformers 5.x decoder stacks (tested on 5.0-5.24; the
-cache argument's name differs across them, see `aim.compat`):
+while AIM is applied. Written for transformers 5.x decoder stacks (tested on 5.21-5.25,
+`aim.compat.TESTED_TRANSFORMERS`; the cache argument's name differs across them, see `aim.compat`):
 ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` returning ``(cos, sin)`` of shape
 ``(batch, seq, head_dim)``, layers taking ``position_embeddings`` and a 4-D mask.
 
@@ -32,6 +32,7 @@ from .prune import pagerank_importance, select_tokens
 from .reduce import merge_before_llm, merge_pruned
 from .stats import AIMStats
 from .context import capture_request, current_call
+from .deepstack import add_visual, scatter_additions
 from .tokens import CacheState, TokenSet, aim_state_of, as_aim_cache, attention_mask_4d, key_log_sizes, proportional_mask
 
 # outputs that would need every layer at full length (MoE router logits: their auxiliary loss)
@@ -136,7 +137,7 @@ class AIMTextForward:
         visual = layout.visual.to(device) & chunk_valid if layout is not None else torch.zeros_like(chunk_valid)
         if layout is not None:
             _check_text_after_visual(visual, chunk_valid)
-        extras = _scatter_additions(additions, layout, inputs_embeds) if additions else None
+        extras = scatter_additions(additions, layout, inputs_embeds) if additions else None
         tokens = TokenSet(inputs_embeds, cos, sin, chunk_valid, visual, remove=config.prune_mode == "remove", extras=extras)
         visual_before = visual.sum(dim=1)
         # the visual tokens the vision tower produced (frames it did not encode never existed)
@@ -231,7 +232,7 @@ class AIMTextForward:
                 )
             tokens.hidden = out[0] if isinstance(out, tuple) else out
             if extras is not None and idx < len(additions):
-                _add_visual(tokens, idx)
+                add_visual(tokens, idx)
             new_layer_valid.append(key_valid)
             if proportional:
                 new_layer_log_sizes.append(log_sizes)
@@ -364,33 +365,6 @@ def _group_positions(layout: VisualLayout | None) -> list[list[list[int]]] | Non
     if layout is None:
         return None
     return [[positions.tolist() for positions in sample] for sample in layout.groups]
-
-
-def _scatter_additions(additions: list, layout: VisualLayout | None, like: torch.Tensor) -> torch.Tensor:
-    """The per-layer visual additions (rows in the order of the chunk's visual positions) laid on
-    the chunk as one ``(batch, seq, layers * hidden)`` tensor, zero off the visual positions."""
-    if layout is None:
-        raise ValueError("visual additions (DeepStack features) came without visual features in this call")
-    visual = layout.visual.to(like.device)
-    count = int(visual.sum())
-    for i, rows in enumerate(additions):
-        if rows.shape != (count, like.shape[-1]):
-            raise ValueError(
-                f"image-token count mismatch: layer {i}'s visual additions have shape {tuple(rows.shape)}, "
-                f"but the chunk holds {count} visual placeholder tokens of width {like.shape[-1]}"
-            )
-    extras = like.new_zeros(*visual.shape, len(additions) * like.shape[-1])
-    extras[visual] = torch.cat([rows.to(like.dtype) for rows in additions], dim=-1)
-    return extras
-
-
-def _add_visual(tokens: TokenSet, layer_idx: int) -> None:
-    """Add layer `layer_idx`'s visual additions to the visual tokens present, as the decoder does
-    after that layer (its DeepStack step)."""
-    dim = tokens.hidden.shape[-1]
-    add = tokens.extras[..., layer_idx * dim : (layer_idx + 1) * dim]
-    where = (tokens.visual & tokens.valid).unsqueeze(-1)
-    tokens.hidden = torch.where(where, tokens.hidden + add.to(tokens.hidden.dtype), tokens.hidden)
 
 
 def _cache_entries(cache) -> list[int]:
