@@ -67,7 +67,8 @@ def layout_specs(layout, valid) -> list[InputSpec]:
         groups = layout.groups[sample] if sample < len(layout.groups) else []
         videos = layout.videos[sample] if sample < len(layout.videos) else []
         in_video = [i for video in videos for i in video]
-        rest = [i for i in range(len(groups)) if i not in set(in_video)]
+        video_set = set(in_video)
+        rest = [i for i in range(len(groups)) if i not in video_set]
         sizes = [int(groups[i].numel()) for i in in_video + rest]
         n_visual = int(visual[sample].sum())
         text = int(valid[sample].sum()) - int(placeholders[sample].sum())

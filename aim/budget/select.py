@@ -1,7 +1,7 @@
 """Choosing a setting for one request.
 
-For each prefill the engine describes the input by its token counts (`input_spec`), predicts the
-cost of every frontier point *for that input* (FLOPs fraction from the FLOPs model; seconds from
+For each prefill the engine describes the input by its token counts (`aim.budget.inputs`),
+predicts the cost of every frontier point *for that input* (FLOPs fraction from the FLOPs model; seconds from
 the profile's latency model times the load correction), and runs the most faithful point whose
 prediction fits the budget, or a merge keep fraction between two calibrated ones of a family when
 its interpolated fidelity is higher (`aim.budget.curves`). Below the cheapest point: a clear
