@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText
 
 from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim import flops as F
@@ -332,6 +333,28 @@ def test_profile_round_trip_and_other_model(profile, tiny_video, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="cannot read"):
         Profile.load(tmp_path / "bad.json")
+
+
+def test_a_profile_fits_the_same_model_loaded_in_another_dtype(profile, tmp_path):
+    """The fingerprint names the model, not how it was loaded: the same weights in bfloat16 (how
+    GPUs and lmms-eval load checkpoints) use a profile calibrated in float32; a profile written
+    before that rule (a sub-config's dtype hashed) is still read; another model is refused."""
+    build_tiny_model("llava_onevision", num_layers=4, seed=0).save_pretrained(tmp_path / "model")
+    loaded = {dtype: AutoModelForImageTextToText.from_pretrained(tmp_path / "model", dtype=dtype)
+              for dtype in (torch.float32, torch.bfloat16)}
+    assert loaded[torch.bfloat16].config.get_text_config().dtype == torch.bfloat16  # what the old hash counted
+    fingerprints = {dtype: model_fingerprint(m.config) for dtype, m in loaded.items()}
+    assert fingerprints[torch.float32] == fingerprints[torch.bfloat16]
+    assert model_fingerprint(loaded[torch.bfloat16].config, legacy=True) != model_fingerprint(loaded[torch.float32].config, legacy=True)
+    calibrated = Profile(fingerprints[torch.float32], "test", profile.points, profile.latency)
+    written_before = Profile(model_fingerprint(loaded[torch.float32].config, legacy=True), "test", profile.points, profile.latency)
+    for m in loaded.values():
+        calibrated.check_model(m.config)
+    written_before.check_model(loaded[torch.float32].config)
+    other = build_tiny_model("llava_onevision", num_layers=2, seed=0)
+    for made in (calibrated, written_before):
+        with pytest.raises(ValueError, match="another model"):
+            made.check_model(other.config)
 
 
 @pytest.mark.parametrize(

@@ -38,18 +38,40 @@ class Fidelity(NamedTuple):
     agreement: float  # greedy next token equal to the unchanged model's, fraction of inputs
 
 
-def model_fingerprint(config: Any) -> dict:
-    """What identifies a model for a profile: its type, decoder shape and a hash of its config."""
+# how a model was loaded, not which model it is: the dtype (float32 for calibration on a CPU,
+# bfloat16 on a GPU), the path, the library version
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "dtype", "torch_dtype")
+
+
+def _without_volatile(data: Any) -> Any:
+    """`data` (a config dict) without `VOLATILE_CONFIG_KEYS` at any depth (the sub-configs of a
+    multimodal model, e.g. ``text_config``, carry their own ``dtype``)."""
+    if isinstance(data, dict):
+        return {k: _without_volatile(v) for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
+    return data
+
+
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(config: Any, legacy: bool = False) -> dict:
+    """What identifies a model for a profile: its type, decoder shape and a hash of its config
+    (how it was loaded left out: the same weights loaded in bfloat16 are the same model).
+
+    `legacy`: the hash as profiles written before this rule took it (those keys dropped at the top
+    level only, so a sub-config's dtype counted); `Profile.check_model` still accepts it."""
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "dtype", "torch_dtype"):
-        data.pop(volatile, None)
+    if legacy:
+        data = {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
+    else:
+        data = _without_volatile(data)
     text = data.get("text_config") or data
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {
         "model_type": data.get("model_type"),
         "num_layers": text.get("num_hidden_layers"),
         "hidden_size": text.get("hidden_size"),
-        "config_sha256_16": digest,
+        "config_sha256_16": _digest(data),
     }
 
 
@@ -142,7 +164,7 @@ class Profile:
     def check_model(self, config: Any) -> None:
         """A clear error when this profile was made for another model."""
         mine = model_fingerprint(config)
-        if mine != self.model:
+        if mine != self.model and model_fingerprint(config, legacy=True) != self.model:
             raise ValueError(
                 f"this AIM profile was calibrated for another model ({self.model}), not this one ({mine}); "
                 "run `aim calibrate MODEL_PATH --out profile.json` for this model"
