@@ -109,7 +109,7 @@ CHECKS = [
             "--tasks aim_study --limit 8 --log_samples --output_path {tmp}/study_eval/logs",
             needs="eval",
         )
-        for args in ("aim=off", "aim=on", "prune=false")
+        for args in ("aim=off", "aim=on", "prune=false", "aim_budget=0.25")
     ],
     Check("python -m aim.integrations.lmms_eval.study_check out/study_eval",
           "python -m aim.integrations.lmms_eval.study_check {tmp}/study_eval", needs="eval"),

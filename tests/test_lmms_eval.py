@@ -114,6 +114,43 @@ def test_unknown_key_lists_what_is_allowed():
     assert all(key in text for key in allowed_keys()) and "max_frames_num" in text and "LlavaHf" in text
 
 
+def test_parse_budget_options():
+    settings, rest = parse_model_args(
+        {"pretrained": "x", "aim_budget_ms": "250", "aim_budget_quantile": "0.95", "aim_profile": "p.json",
+         "aim_interpolate_keeps": "off"}, BASE,
+    )
+    assert rest == {"pretrained": "x"} and settings.enabled
+    assert (settings.budget.flops, settings.budget.ms, settings.budget.quantile) == (None, 250.0, 0.95)
+    assert settings.profile == "p.json" and settings.interpolate_keeps is False
+    recorded = settings.as_dict()
+    assert recorded["budget"]["describe"] == "250 ms prefill (p95)" and recorded["model_args"]["aim_budget_ms"] == "250"
+    flops, _ = parse_model_args({"aim_budget": 0.25, "aim": "on"}, BASE)
+    assert flops.budget.flops == 0.25 and flops.profile is None and flops.interpolate_keeps is True
+    plain, _ = parse_model_args({"merge_keep": 0.5}, BASE)
+    assert plain.budget is None and "budget" not in plain.as_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"aim_budget": 0.25, "merge_keep": 0.5}, "give either AIM settings (merge_keep) or a budget"),
+        ({"aim_budget": 0.25, "aim": "off"}, "aim=off contradicts a budget"),
+        ({"aim_profile": "p.json"}, "aim_profile only apply with a budget: add aim_budget="),
+        ({"aim_budget_quantile": 0.9}, "aim_budget_quantile only apply with a budget"),
+        ({"aim_budget": 0.3, "aim_budget_ms": 100}, "give exactly one budget"),
+        ({"aim_budget": 1.5}, "a FLOPs budget is a fraction of the unchanged model's prefill FLOPs in (0, 1], got 1.5"),
+        ({"aim_budget": 0.3, "aim_budget_quantile": 0.9}, "a budget quantile applies to latency budgets"),
+        ({"aim_budget_ms": "fast"}, "aim_budget_ms='fast': expected a number"),
+        ({"aim_budget_ms": 100, "aim_budget_quantile": 1.0}, "quantile is the share of prefills"),
+        ({"aim_budget": 0.3, "aim_interpolate_keeps": "maybe"}, "aim_interpolate_keeps='maybe': expected on/off"),
+    ],
+)
+def test_parse_budget_errors_are_clear(kwargs, message):
+    with pytest.raises(AIMArgumentError) as error:
+        parse_model_args(kwargs, BASE, model="aim_llava_hf")
+    assert message in str(error.value) and str(error.value).startswith("aim_llava_hf: bad AIM arguments (")
+
+
 # ---------------------------------------------------------------------------------------------
 # Cost accounting and task hooks (no lmms-eval needed)
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +180,30 @@ def test_cost_tracker_summary():
     # a batch whose documents are not known keeps the task only
     added = tracker.add_stats(_stats([10, 10], [5, 5], [[8, 8]], [9, 9]), [("image", 3)])
     assert [(r.task, r.doc_id) for r in added] == [("image", None), ("image", None)]
+
+
+def test_cost_tracker_reports_the_budgeted_choices():
+    """Under a budget each sample records the setting that ran and its predicted and measured cost;
+    the summary counts the settings and compares the predictions with what was measured."""
+    budget = {"describe": "30 ms prefill (p90)", "ms": 30.0, "flops": None}
+    tracker = CostTracker(model="m", pretrained=None, aim={"enabled": True, "budget": budget}, num_layers=2,
+                          counter=lambda layers: sum(layers))
+    for point, fraction, predicted, measured in (("merge 0.5", 0.5, 0.020, 0.025), ("merge 0.25", 0.25, 0.012, 0.040),
+                                                 ("merge 0.5", 0.5, 0.021, 0.019)):
+        stats = _stats([100], [50], [[60], [40]], [110])
+        stats.budget = {"point": point, "predicted_flops_fraction": fraction, "predicted_seconds": predicted,
+                        "measured_seconds": measured}
+        tracker.add_stats(stats, [("video", 0)])
+    summary = tracker.summary()["budget"]
+    assert summary["settings_run"] == {"merge 0.5": 2, "merge 0.25": 1} and summary["samples"] == 3
+    assert summary["mean_predicted_flops_fraction"] == pytest.approx(1.25 / 3)
+    assert summary["mean_flops_fraction"] == pytest.approx(100 / 220)  # counted from the tokens that ran
+    assert summary["mean_predicted_ms"] == pytest.approx(53 / 3) and summary["mean_measured_ms"] == pytest.approx(28)
+    assert summary["within_budget"] == pytest.approx(2 / 3)
+    line = tracker.summary_line()
+    assert "(budget 30 ms prefill (p90))" in line and "settings run: merge 0.5 x2, merge 0.25 x1" in line
+    assert "67% of prefills within the budget" in line
+    assert CostTracker(model="m", pretrained=None, aim={"enabled": True}).summary()["budget"] is None
 
 
 def test_cost_tracker_without_flops_and_mask_mode(tmp_path):
@@ -272,6 +333,10 @@ def test_models_are_registered():
         ({"merge_keep": 3}, "merge_keep must be in (0, 1]"),
         ({"prune_start": 9}, "prune_start=9 is past the model's last layer"),  # the tiny model has 4 layers
         ({"bogus": 1}, "unknown model argument 'bogus'"),
+        ({"aim_budget": 0.25}, "a budget needs a calibration profile, and no aim_profile.json in"),
+        ({"aim_budget": 0.25, "aim_profile": str(REPO / "aim" / "default_model" / "aim_profile.json")},
+         "calibrated for another model"),
+        ({"aim_budget_ms": 50, "aim_profile": "missing.json"}, "aim_profile=missing.json: cannot read an AIM profile"),
     ],
 )
 def test_bad_model_args_stop_before_loading(offline_setup, kwargs, message, monkeypatch):

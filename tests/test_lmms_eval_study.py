@@ -2,7 +2,8 @@
 command line on the shipped trained model, with the accuracy the study's own evaluation computes.
 
 ``make_data --study`` writes the examples (lossless clips, PNG images); lmms-eval runs them with
-``aim_llava_hf`` (baseline ``aim=off`` and the default AIM); the accuracy, per kind and answer by
+``aim_llava_hf`` (baseline ``aim=off``, the default AIM, and a FLOPs budget with the shipped
+calibration profile); the accuracy, per kind and answer by
 answer, must equal `aim.study.evaluate` on the same examples with the same AIM settings. The parts
 that need lmms-eval (or decord, torchvision) skip with the reason when it is not installed.
 """
@@ -173,7 +174,9 @@ def test_lmms_eval_accuracy_is_the_studys(study_data):
     from aim.study.evaluate import evaluate
     from aim.study.model import load_default_model
 
-    settings = {"baseline": ("aim=off", AIMConfig(enabled=False)), "aim": ("aim=on", AIMConfig())}
+    # a FLOPs budget too (None: apply_aim(model, budget=0.25) with the profile shipped beside the weights)
+    settings = {"baseline": ("aim=off", AIMConfig(enabled=False)), "aim": ("aim=on", AIMConfig()),
+                "budget": ("aim_budget=0.25", None)}
     results = {}
     for name, (args, _) in settings.items():
         run = _run(study_data, name, args)
@@ -188,8 +191,12 @@ def test_lmms_eval_accuracy_is_the_studys(study_data):
     model, processor = load_default_model()
     examples = data.dataset("test", LIMIT)
     for name, (_, config) in settings.items():
-        apply_aim(model, config)
-        study = evaluate(model, processor, examples)
+        if config is None:
+            apply_aim(model, budget=0.25)
+        else:
+            apply_aim(model, config)
+        # a budget's choice must fit every prompt of a batch: one prompt at a time, as lmms-eval ran them
+        study = evaluate(model, processor, examples, batch_size=1 if config is None else 16)
         reported = {k.split(",")[0]: v for k, v in results[name]["results"]["aim_study"].items() if k.endswith(",none")}
         assert reported["accuracy"] == pytest.approx(study["accuracy"], abs=1e-12), (name, reported, study)
         for kind, row in study["per_kind"].items():
@@ -197,10 +204,24 @@ def test_lmms_eval_accuracy_is_the_studys(study_data):
 
     # the same, answer by answer (the samples of --log_samples), through study_check
     report = compare(study_data.outdir)
-    assert sorted(entry["run"] for entry in report) == ["aim=off", "aim=on"]
+    assert sorted(entry["run"] for entry in report) == ["aim=off", "aim=on", "aim_budget=0.25"]
     for entry in report:
         assert entry["n"] == LIMIT and entry["differing_metrics"] == [] and entry["differing_answers"] == [], entry
     base, aim = (results[name]["aim_cost"] for name in ("baseline", "aim"))
     assert base["aim"]["enabled"] is False and aim["aim"]["enabled"] is True
     assert aim["mean_llm_tokens_per_layer"] < 0.5 * base["mean_llm_tokens_per_layer"]
     assert base["failed_generations"] == aim["failed_generations"] == 0
+    assert base["budget"] is None and aim["budget"] is None
+
+    # the budgeted run: every prefill ran a calibrated setting (or keep between two) within 25% of the
+    # LLM prefill FLOPs, as predicted; the summary counts them
+    budgeted = results["budget"]["aim_cost"]
+    assert budgeted["budget"]["budget"] == "25% of the prefill FLOPs" and budgeted["failed_generations"] == 0
+    assert sum(budgeted["budget"]["settings_run"].values()) == budgeted["budget"]["samples"] == LIMIT
+    [samples] = glob.glob(str(study_data.outdir / "logs" / "budget" / "*" / "*_aim_cost_samples.jsonl"))
+    rows = [json.loads(line) for line in Path(samples).read_text().splitlines()]
+    assert len(rows) == LIMIT
+    for row in rows:
+        counted = row["prefill_flops"] / row["baseline_prefill_flops"]
+        assert counted <= 0.25 + 1e-9 and counted == pytest.approx(row["predicted_flops_fraction"], rel=1e-6), row
+    assert budgeted["budget"]["mean_flops_fraction"] <= 0.25 and budgeted["prefill_flops_ratio"] >= 4

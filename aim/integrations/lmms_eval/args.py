@@ -2,6 +2,7 @@
 
     --model_args pretrained=...,merge_keep=0.25,prune_start=14,prune_step=0.125
     --model_args pretrained=...,aim=off            # the baseline, through the same code path
+    --model_args pretrained=...,aim_budget=0.25    # a budget: aim picks the setting per request
 
 Every `AIMConfig` field is accepted under its own name or with an ``aim_`` prefix
 (``merge_keep`` or ``aim_merge_keep``); the prefix is needed only where the base model takes an
@@ -9,6 +10,12 @@ argument of the same name. List fields take ``[0.5,0.25]`` (lmms-eval keeps brac
 ``0.5:0.25`` or ``0.5;0.25``. Plugin options: ``aim`` (on/off), ``aim_output`` (a path to (re)write
 the cost summary after each batch of requests, on top of the file next to lmms-eval's results) and
 ``aim_flops`` (on/off: analytic prefill FLOPs per sample, on by default).
+
+Budgets (`aim.budget`) instead of a fixed setting: ``aim_budget`` (a fraction of the unchanged
+model's LLM prefill FLOPs) or ``aim_budget_ms`` (prefill milliseconds, with ``aim_budget_quantile``,
+the share of prefills it should hold for), ``aim_profile`` (the calibration profile; default the
+``aim_profile.json`` beside the weights) and ``aim_interpolate_keeps`` (on/off). A budget replaces
+the AIM settings: giving both is refused, as `apply_aim` refuses it.
 
 This module does not import lmms-eval: the parsing is testable without it.
 """
@@ -33,6 +40,7 @@ def _kind(annotation: str) -> str:
 # read from AIMConfig itself, so a new field is an lmms-eval argument without another table
 FIELD_KINDS: dict[str, str] = {f.name: _kind(str(f.type)) for f in dataclasses.fields(AIMConfig)}
 PLUGIN_OPTIONS = ("aim", "aim_output", "aim_flops")
+BUDGET_OPTIONS = ("aim_budget", "aim_budget_ms", "aim_budget_quantile", "aim_profile", "aim_interpolate_keeps")
 _TRUE = {"1", "true", "on", "yes", "y"}
 _FALSE = {"0", "false", "off", "no", "n", "none"}
 
@@ -49,20 +57,28 @@ class AIMSettings:
     output: str | None = None  # aim_output
     flops: bool = True  # aim_flops
     given: dict = field(default_factory=dict)  # the AIM arguments as given (for the summary)
+    budget: Any = None  # an `aim.budget.Budget` (aim_budget / aim_budget_ms / aim_budget_quantile), or None
+    profile: str | None = None  # aim_profile; None: the profile beside the weights
+    interpolate_keeps: bool = True  # aim_interpolate_keeps
 
     @property
     def enabled(self) -> bool:
         return self.config.enabled
 
     def as_dict(self) -> dict:
-        return {"enabled": self.enabled, "config": dataclasses.asdict(self.config), "model_args": dict(self.given)}
+        out = {"enabled": self.enabled, "config": dataclasses.asdict(self.config), "model_args": dict(self.given)}
+        if self.budget is not None:
+            out["budget"] = {"flops": self.budget.flops, "ms": self.budget.ms, "quantile": self.budget.quantile,
+                             "describe": self.budget.describe(), "profile": self.profile,
+                             "interpolate_keeps": self.interpolate_keeps}
+        return out
 
 
 
 
 def allowed_keys() -> list[str]:
     """Every AIM key accepted in --model_args."""
-    return sorted(PLUGIN_OPTIONS[:1] + tuple(FIELD_KINDS) + PLUGIN_OPTIONS[1:])
+    return sorted(PLUGIN_OPTIONS[:1] + tuple(FIELD_KINDS) + PLUGIN_OPTIONS[1:] + BUDGET_OPTIONS)
 
 
 def to_bool(key: str, value: Any) -> bool:
@@ -160,11 +176,18 @@ def parse_model_args(
     settings = AIMSettings()
     rest: dict[str, Any] = {}
     given: dict[str, Any] = {}
+    budget: dict[str, Any] = {}
     try:
-        switch = _classify(kwargs, base_params, model, base, fields, settings, rest, given)
+        switch = _classify(kwargs, base_params, model, base, fields, settings, rest, given, budget)
     except AIMArgumentError as error:
         message = str(error)
         raise AIMArgumentError(message if message.startswith(f"{model}:") else f"{model}: bad AIM argument {message}") from None
+    if budget:
+        try:
+            _budget(budget, fields, switch, settings)
+        except AIMArgumentError as error:
+            shown = ",".join(f"{k}={v}" for k, v in given.items())
+            raise AIMArgumentError(f"{model}: bad AIM arguments ({shown}): {error}") from None
     if switch is False:
         fields["enabled"] = False
     elif switch is True and fields.get("enabled") is False:
@@ -178,7 +201,7 @@ def parse_model_args(
     return settings, rest
 
 
-def _classify(kwargs, base_params, model, base, fields, settings, rest, given) -> bool | None:
+def _classify(kwargs, base_params, model, base, fields, settings, rest, given, budget) -> bool | None:
     """Sort each key into AIM fields, plugin options or the base model's arguments; returns the aim switch."""
     switch: bool | None = None
     for key, value in kwargs.items():
@@ -189,6 +212,8 @@ def _classify(kwargs, base_params, model, base, fields, settings, rest, given) -
             settings.output = None if str(value).strip().lower() in ("", "none") else str(value)
         elif key == "aim_flops":
             settings.flops = to_bool(key, value)
+        elif key in BUDGET_OPTIONS:
+            budget[key] = value
         elif name in FIELD_KINDS and (name != key or base_params is None or key not in base_params):
             if name in fields:
                 raise AIMArgumentError(f"{model}: AIM option {name!r} given twice (as {name} and aim_{name})")
@@ -208,3 +233,28 @@ def _classify(kwargs, base_params, model, base, fields, settings, rest, given) -
             continue
         given[key] = value
     return switch
+
+
+def _budget(options: dict[str, Any], fields: dict[str, Any], switch: bool | None, settings: AIMSettings) -> None:
+    """The budget options into `settings` (`aim.budget.Budget` checks the values)."""
+    from aim.budget.select import Budget
+
+    flops, ms, quantile = (options.get(k) for k in ("aim_budget", "aim_budget_ms", "aim_budget_quantile"))
+    flops, ms, quantile = (None if v is None else _to_float(k, v) for k, v in
+                           (("aim_budget", flops), ("aim_budget_ms", ms), ("aim_budget_quantile", quantile)))
+    if flops is None and ms is None:
+        raise AIMArgumentError(f"{' and '.join(options)} only apply with a budget: add aim_budget=<fraction of "
+                               "the prefill FLOPs> or aim_budget_ms=<milliseconds>")
+    if switch is False:
+        raise AIMArgumentError("aim=off contradicts a budget (aim_budget / aim_budget_ms)")
+    if fields:
+        raise AIMArgumentError(f"give either AIM settings ({', '.join(fields)}) or a budget (aim_budget / "
+                               "aim_budget_ms: aim picks the setting per request), not both")
+    try:
+        settings.budget = Budget(flops=flops, ms=ms, quantile=quantile)
+    except ValueError as error:
+        raise AIMArgumentError(str(error)) from None
+    if "aim_profile" in options:
+        settings.profile = None if str(options["aim_profile"]).strip().lower() in ("", "none") else str(options["aim_profile"])
+    if "aim_interpolate_keeps" in options:
+        settings.interpolate_keeps = to_bool("aim_interpolate_keeps", options["aim_interpolate_keeps"])

@@ -3,10 +3,13 @@
 1. takes the AIM settings out of ``--model_args`` and validates them before anything loads
    (an unknown key or a bad value raises `AIMArgumentError`, a ValueError, with the allowed keys);
 2. lets the lmms-eval class load the model as usual, then calls `aim.apply_aim` on it
-   (``aim=off``: applied with ``enabled=False``, the unchanged model through the same code path);
+   (``aim=off``: applied with ``enabled=False``, the unchanged model through the same code path;
+   ``aim_budget`` / ``aim_budget_ms``: with that budget and its calibration profile, so that each
+   request runs the most faithful calibrated setting that fits, see `aim.budget`);
 3. after every prefill reads `aim.last_stats` (forward hook) and records the sample's visual
-   tokens before / after merging, tokens per LLM layer and analytic prefill FLOPs, tagged with
-   the task and document it belongs to;
+   tokens before / after merging, tokens per LLM layer and analytic prefill FLOPs (and under a
+   budget the setting that ran, its predicted cost and measured time), tagged with the task and
+   document it belongs to;
 4. at the end of the run writes ``<date>_aim_cost.json`` (summary) and
    ``<date>_aim_cost_samples.jsonl`` next to lmms-eval's ``<date>_results.json``, puts the summary
    into the results JSON under ``"aim_cost"``, and logs it. With ``aim_output=PATH`` the summary is
@@ -88,25 +91,57 @@ class AIMModelMixin:
     # -- construction -----------------------------------------------------------------------
 
     def _aim_precheck(self, settings: AIMSettings, pretrained: Any) -> None:
-        """Check the schedule against the checkpoint's depth before the weights load (cheap)."""
-        if not isinstance(pretrained, str):
-            return
-        try:
-            from transformers import AutoConfig
+        """Check the schedule against the checkpoint's depth, and a budget's profile against the
+        checkpoint, before the weights load (cheap)."""
+        config = None
+        if isinstance(pretrained, str):
+            try:
+                from transformers import AutoConfig
 
-            num_layers = _num_layers(AutoConfig.from_pretrained(pretrained))
-        except Exception:  # no config reachable here: apply_aim checks after loading
-            return
-        if num_layers:
+                config = AutoConfig.from_pretrained(pretrained)
+            except Exception:  # no config reachable here: apply_aim checks after loading
+                config = None
+        num_layers = _num_layers(config) if config is not None else None
+        if num_layers and settings.budget is None:
             try:
                 settings.config.check_depth(num_layers)
             except ValueError as error:
                 raise AIMArgumentError(f"{self.AIM_MODEL_ID}: AIM arguments do not fit {pretrained}: {error}") from None
+        if settings.budget is not None:
+            settings.profile = self._aim_profile(settings, pretrained, config)
+
+    def _aim_profile(self, settings: AIMSettings, pretrained: Any, config: Any) -> str:
+        """The path of a budget's calibration profile (``aim_profile``, else the one beside the
+        weights), read and matched to the checkpoint's config: a clear error now, not after loading."""
+        from aim.budget import PROFILE_FILE, Profile
+
+        path = settings.profile
+        if path is None:
+            folder = Path(pretrained) if isinstance(pretrained, str) else None
+            if folder is None or not (folder / PROFILE_FILE).is_file():
+                where = f"no {PROFILE_FILE} in {pretrained}" if folder is not None and folder.is_dir() else \
+                    f"{pretrained!r} is not a local folder holding one"
+                raise AIMArgumentError(
+                    f"{self.AIM_MODEL_ID}: a budget needs a calibration profile, and {where}: make one with "
+                    f"`aim calibrate MODEL_PATH --out profile.json` and pass aim_profile=profile.json")
+            path = str(folder / PROFILE_FILE)
+        try:
+            profile = Profile.load(path)
+            if config is not None:
+                profile.check_model(config)
+        except ValueError as error:
+            raise AIMArgumentError(f"{self.AIM_MODEL_ID}: aim_profile={path}: {error}") from None
+        return path
 
     def _aim_install(self, settings: AIMSettings, pretrained: str | None) -> None:
         model = self.model  # the unwrapped transformers model
+        budget = settings.budget
         try:
-            apply_aim(model, settings.config)
+            if budget is None:
+                apply_aim(model, settings.config)
+            else:
+                apply_aim(model, budget=budget.flops, budget_ms=budget.ms, budget_quantile=budget.quantile,
+                          profile=settings.profile, interpolate_keeps=settings.interpolate_keeps)
         except (TypeError, ValueError) as error:
             raise AIMArgumentError(f"{self.AIM_MODEL_ID}: cannot apply AIM to {type(model).__name__}: {error}") from None
         counter, note = flops_counter(model) if settings.flops else (None, "aim_flops=off: token counts only")
@@ -133,8 +168,12 @@ class AIMModelMixin:
         _LIVE.add(self)
         _install_results_hook()
         atexit.register(_at_exit, weakref.ref(self))
-        state = "applied" if settings.enabled else "applied with enabled=False (aim=off: unchanged model)"
-        _log(f"[aim] {self.AIM_MODEL_ID}: AIM {state} on {type(model).__name__}: {settings.config}")
+        if budget is not None:
+            _log(f"[aim] {self.AIM_MODEL_ID}: AIM applied on {type(model).__name__} with a budget of "
+                 f"{budget.describe()} per request (profile {settings.profile})")
+        else:
+            state = "applied" if settings.enabled else "applied with enabled=False (aim=off: unchanged model)"
+            _log(f"[aim] {self.AIM_MODEL_ID}: AIM {state} on {type(model).__name__}: {settings.config}")
 
     # -- per-sample accounting ----------------------------------------------------------------
 

@@ -41,6 +41,11 @@ class SampleCost:
     mode: str
     prefill_flops: int | None = None
     baseline_prefill_flops: int | None = None
+    # under a budget (`aim.budget`): the setting that ran, its predicted cost and the measured time
+    setting: str | None = None
+    predicted_flops_fraction: float | None = None
+    predicted_seconds: float | None = None
+    measured_seconds: float | None = None
 
     @property
     def mean_llm_tokens(self) -> float:
@@ -103,6 +108,12 @@ class CostTracker:
                 visual_tokens_after_merge=int(stats.visual_tokens_after_merge[i]),
                 tokens_per_layer=per_layer, mode=str(stats.mode),
             )
+            choice = getattr(stats, "budget", None)
+            if choice:  # one choice per prefill: the batch shares it
+                record.setting = str(choice["point"])
+                record.predicted_flops_fraction = float(choice["predicted_flops_fraction"])
+                record.predicted_seconds = float(choice["predicted_seconds"])
+                record.measured_seconds = float(choice["measured_seconds"])
             if self.counter is not None:
                 record.baseline_prefill_flops = self.counter([full] * len(per_layer))
                 # "mask" hides tokens but computes on all of them
@@ -162,18 +173,45 @@ class CostTracker:
             "failed_generations": len(self.failures),
             "failures": self.failures[:5],
             "per_task": {task: self._aggregate(samples) for task, samples in sorted(tasks.items())},
+            "budget": self._budget_summary(),
             "flops_convention": FLOPS_CONVENTION + _convention() if self.counter is not None else None,
             "flops_note": self.flops_note,
             "ratios": "baseline / this run, for the same prompts (the baseline is the unchanged model: "
                       "every prompt token at every layer); > 1 means this run is cheaper",
         }
 
+    def _budget_summary(self) -> dict | None:
+        """Under a budget: the budget, how often each setting ran, and predicted vs measured cost
+        (None without one)."""
+        budget = self.aim.get("budget")
+        if not budget:
+            return None
+        chosen = [s for s in self.samples if s.setting is not None]
+        runs: dict[str, int] = {}
+        for s in chosen:
+            runs[s.setting] = runs.get(s.setting, 0) + 1
+        out = {"budget": budget.get("describe"), "samples": len(chosen),
+               "settings_run": dict(sorted(runs.items(), key=lambda item: (-item[1], item[0])))}
+        if not chosen:
+            return out
+        n = len(chosen)
+        out["mean_predicted_flops_fraction"] = sum(s.predicted_flops_fraction for s in chosen) / n
+        if all(s.prefill_flops is not None and s.baseline_prefill_flops for s in chosen):
+            out["mean_flops_fraction"] = sum(s.prefill_flops / s.baseline_prefill_flops for s in chosen) / n
+        out["mean_predicted_ms"] = 1000.0 * sum(s.predicted_seconds for s in chosen) / n
+        out["mean_measured_ms"] = 1000.0 * sum(s.measured_seconds for s in chosen) / n
+        if budget.get("ms") is not None:
+            out["within_budget"] = sum(1000.0 * s.measured_seconds <= budget["ms"] for s in chosen) / n
+        return out
+
     def summary_line(self) -> str:
         s = self.summary()
         if not s["num_samples"]:
             return f"[aim] {self.model}: no multimodal prefill recorded yet ({s['failed_generations']} failed generations)"
+        budget = s["budget"]
+        label = f"budget {budget['budget']}" if budget else ("AIM" if self.aim.get("enabled") else "aim=off")
         text = (
-            f"[aim] {self.model} ({'AIM' if self.aim.get('enabled') else 'aim=off'}): {s['num_samples']} samples, "
+            f"[aim] {self.model} ({label}): {s['num_samples']} samples, "
             f"visual tokens {s['mean_visual_tokens_before_merge']:.1f} -> {s['mean_visual_tokens_after_merge']:.1f} "
             f"(merge), LLM tokens per layer {s['mean_llm_tokens_per_layer']:.1f} of {s['mean_input_tokens']:.1f}"
         )
@@ -182,6 +220,12 @@ class CostTracker:
                 f", prefill {s['mean_prefill_tflops']:.6g} TFLOPs (unchanged model: "
                 f"{s['mean_baseline_prefill_tflops']:.6g}, {s['prefill_flops_ratio']:.2f}x)"
             )
+        if budget and budget["settings_run"]:
+            shown = list(budget["settings_run"].items())
+            text += "; settings run: " + ", ".join(f"{name} x{count}" for name, count in shown[:4]) + (
+                f" and {len(shown) - 4} other(s)" if len(shown) > 4 else "")
+            if "within_budget" in budget:
+                text += f", {budget['within_budget']:.0%} of prefills within the budget"
         if s["failed_generations"]:
             text += f", {s['failed_generations']} FAILED generations: {s['failures'][0]}"
         if s["mean_input_tokens"] < SMALL_PROMPT_TOKENS:

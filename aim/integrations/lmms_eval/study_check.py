@@ -5,8 +5,9 @@
 For every lmms-eval run of the task ``aim_study`` found under ``OUTDIR/logs`` (or ``--logs``):
 the examples it ran (the first ``n`` of ``OUTDIR/data/aim_study.jsonl``, after lmms-eval's
 ``--offset``), the checkpoint (``pretrained=``) and the AIM settings it used (the
-``aim_cost.aim.config`` the plugin records in the results JSON; a relative ``pretrained=`` is
-read from the working directory, as lmms-eval read it), then answers the same examples with the
+``aim_cost.aim.config`` the plugin records in the results JSON, or its FLOPs budget and profile,
+``aim_cost.aim.budget``; a relative ``pretrained=`` or profile path is read from the working
+directory, as lmms-eval read it), then answers the same examples with the
 study's predictor (:func:`aim.study.evaluate.predict`, what :func:`aim.study.evaluate.evaluate`
 scores) on the same checkpoint patched with the same :class:`aim.AIMConfig`, and prints both,
 overall and per question kind. With ``--log_samples`` runs it also compares the answers example by
@@ -45,6 +46,7 @@ class Run:
     metrics: dict[str, float]  # lmms-eval's, without the ",none" suffix
     answers: dict[int, str] | None = None  # doc_id (from the file's start) -> generated text (--log_samples)
     label: str = field(default="")
+    budget: dict | None = None  # a budgeted run's budget (aim_budget): flops, ms, quantile, profile, interpolate_keeps
 
 
 def _model_args(text: str) -> dict[str, str]:
@@ -81,7 +83,7 @@ def find_runs(logs: Path) -> list[Run]:
         runs.append(Run(
             results_path=path, pretrained=pretrained, aim=cost["aim"]["config"],
             offset=int(config.get("offset") or 0), n=int(results["n-samples"][TASK]["effective"]),
-            metrics=metrics, answers=answers, label=label,
+            metrics=metrics, answers=answers, label=label, budget=cost["aim"].get("budget"),
         ))
     return runs
 
@@ -109,8 +111,17 @@ def study_figures(run: Run, rows: list[dict], batch_size: int = 16, cache: dict 
     if run.pretrained not in cache:
         cache[run.pretrained] = load_default_model(run.pretrained)
     model, processor = cache[run.pretrained]
-    fields = {k: v for k, v in run.aim.items() if k in AIMConfig.__dataclass_fields__}
-    apply_aim(model, AIMConfig(**fields))
+    if run.budget is not None:
+        if run.budget.get("ms") is not None:
+            raise ValueError(f"{run.results_path}: a latency budget's choices depend on the timings of that run; "
+                             "study_check compares fixed settings and FLOPs budgets (aim_budget)")
+        # one prompt at a time, as lmms-eval ran them: a budget's choice fits every prompt of a batch
+        apply_aim(model, budget=run.budget["flops"], profile=run.budget.get("profile"),
+                  interpolate_keeps=run.budget.get("interpolate_keeps", True))
+        batch_size = 1
+    else:
+        fields = {k: v for k, v in run.aim.items() if k in AIMConfig.__dataclass_fields__}
+        apply_aim(model, AIMConfig(**fields))
     chosen = rows[run.offset: run.offset + run.n]
     examples = [data.make_example(int(row["seed"]), row["kind"]) for row in chosen]
     for row, example in zip(chosen, examples):  # the file's questions are the study's
