@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from aim import AIMConfig, apply_aim, last_stats, remove_aim
 from aim import flops as F
@@ -348,13 +348,18 @@ def test_a_profile_fits_the_same_model_loaded_in_another_dtype(profile, tmp_path
     assert model_fingerprint(loaded[torch.bfloat16].config, legacy=True) != model_fingerprint(loaded[torch.float32].config, legacy=True)
     calibrated = Profile(fingerprints[torch.float32], "test", profile.points, profile.latency)
     written_before = Profile(model_fingerprint(loaded[torch.float32].config, legacy=True), "test", profile.points, profile.latency)
-    for m in loaded.values():
-        calibrated.check_model(m.config)
-    written_before.check_model(loaded[torch.float32].config)
-    other = build_tiny_model("llava_onevision", num_layers=2, seed=0)
-    for made in (calibrated, written_before):
-        with pytest.raises(ValueError, match="another model"):
-            made.check_model(other.config)
+    from_disk = AutoConfig.from_pretrained(tmp_path / "model")  # before the weights load: sub-config dtypes None
+    for config in (*(m.config for m in loaded.values()), from_disk):
+        calibrated.check_model(config)
+        written_before.check_model(config)
+    # a model that differs only inside a sub-config, or in depth, is another model for both
+    other_rope = AutoConfig.from_pretrained(tmp_path / "model")
+    other_rope.text_config.rope_parameters = {**other_rope.text_config.rope_parameters, "rope_theta": 1234.0}
+    other_depth = build_tiny_model("llava_onevision", num_layers=2, seed=0).config
+    for other in (other_rope, other_depth):
+        for made in (calibrated, written_before):
+            with pytest.raises(ValueError, match="another model"):
+                made.check_model(other)
 
 
 @pytest.mark.parametrize(

@@ -135,8 +135,8 @@ def test_parse_budget_options():
     [
         ({"aim_budget": 0.25, "merge_keep": 0.5}, "give either AIM settings (merge_keep) or a budget"),
         ({"aim_budget": 0.25, "aim": "off"}, "aim=off contradicts a budget"),
-        ({"aim_profile": "p.json"}, "aim_profile only apply with a budget: add aim_budget="),
-        ({"aim_budget_quantile": 0.9}, "aim_budget_quantile only apply with a budget"),
+        ({"aim_profile": "p.json"}, "aim_profile applies only with a budget: add aim_budget="),
+        ({"aim_budget_quantile": 0.9, "aim_profile": "p.json"}, "aim_budget_quantile and aim_profile apply only with a budget"),
         ({"aim_budget": 0.3, "aim_budget_ms": 100}, "give exactly one budget"),
         ({"aim_budget": 1.5}, "a FLOPs budget is a fraction of the unchanged model's prefill FLOPs in (0, 1], got 1.5"),
         ({"aim_budget": 0.3, "aim_budget_quantile": 0.9}, "a budget quantile applies to latency budgets"),
@@ -183,26 +183,29 @@ def test_cost_tracker_summary():
 
 
 def test_cost_tracker_reports_the_budgeted_choices():
-    """Under a budget each sample records the setting that ran and its predicted and measured cost;
-    the summary counts the settings and compares the predictions with what was measured."""
+    """Under a budget each sample records the setting that ran and its prefill's predicted and
+    measured cost; the summary counts the settings per sample, compares the FLOPs per sample and
+    the times per prefill (a batch is one prefill: its time counts once)."""
     budget = {"describe": "30 ms prefill (p90)", "ms": 30.0, "flops": None}
     tracker = CostTracker(model="m", pretrained=None, aim={"enabled": True, "budget": budget}, num_layers=2,
                           counter=lambda layers: sum(layers))
-    for point, fraction, predicted, measured in (("merge 0.5", 0.5, 0.020, 0.025), ("merge 0.25", 0.25, 0.012, 0.040),
-                                                 ("merge 0.5", 0.5, 0.021, 0.019)):
-        stats = _stats([100], [50], [[60], [40]], [110])
+    for point, fraction, predicted, measured, batch in (
+            ("merge 0.5", 0.5, 0.020, 0.025, 1), ("merge 0.25", 0.25, 0.012, 0.040, 1),
+            ("merge 0.5", 0.5, 0.021, 0.019, 1), ("merge 0.75", 0.75, 0.030, 0.010, 2)):
+        stats = _stats([100] * batch, [50] * batch, [[60] * batch, [40] * batch], [110] * batch)
         stats.budget = {"point": point, "predicted_flops_fraction": fraction, "predicted_seconds": predicted,
                         "measured_seconds": measured}
-        tracker.add_stats(stats, [("video", 0)])
+        tracker.add_stats(stats, [("video", i) for i in range(batch)])
     summary = tracker.summary()["budget"]
-    assert summary["settings_run"] == {"merge 0.5": 2, "merge 0.25": 1} and summary["samples"] == 3
-    assert summary["mean_predicted_flops_fraction"] == pytest.approx(1.25 / 3)
+    assert summary["settings_run"] == {"merge 0.5": 2, "merge 0.75": 2, "merge 0.25": 1}
+    assert (summary["samples"], summary["prefills"]) == (5, 4)
+    assert summary["mean_predicted_flops_fraction"] == pytest.approx(2.75 / 5)
     assert summary["mean_flops_fraction"] == pytest.approx(100 / 220)  # counted from the tokens that ran
-    assert summary["mean_predicted_ms"] == pytest.approx(53 / 3) and summary["mean_measured_ms"] == pytest.approx(28)
-    assert summary["within_budget"] == pytest.approx(2 / 3)
+    assert summary["mean_predicted_ms"] == pytest.approx(83 / 4) and summary["mean_measured_ms"] == pytest.approx(23.5)
+    assert summary["within_budget"] == pytest.approx(3 / 4)
     line = tracker.summary_line()
-    assert "(budget 30 ms prefill (p90))" in line and "settings run: merge 0.5 x2, merge 0.25 x1" in line
-    assert "67% of prefills within the budget" in line
+    assert "(budget 30 ms prefill (p90))" in line and "settings run: merge 0.5 x2, merge 0.75 x2, merge 0.25 x1" in line
+    assert "75% of prefills within the budget" in line
     assert CostTracker(model="m", pretrained=None, aim={"enabled": True}).summary()["budget"] is None
 
 

@@ -94,6 +94,29 @@ def test_study_scoring_is_exact_match_per_kind():
     assert study_process_results(image, ["up"]) == {"accuracy": 0.0, "image_accuracy": 0.0, "image_position": 0.0}
 
 
+def test_study_check_lists_budget_runs_it_cannot_reproduce(tmp_path, capsys):
+    """A latency-budget run (its choices follow that run's timings) and a FLOPs-budget run batched by
+    lmms-eval (a choice fits its whole batch) are listed as not compared, before any model loads;
+    with nothing compared the check fails."""
+    from aim.integrations.lmms_eval import study_check
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "aim_study.jsonl").write_text(json.dumps({"id": "test-0", "seed": 0, "kind": "count"}) + "\n")
+    for name, budget, batch in (("latency", {"flops": None, "ms": 40.0}, 1), ("batched", {"flops": 0.25, "ms": None}, 4)):
+        folder = tmp_path / "logs" / name / "model"
+        folder.mkdir(parents=True)
+        results = {"results": {"aim_study": {"accuracy,none": 1.0}}, "n-samples": {"aim_study": {"effective": 1}},
+                   "config": {"model_args": "pretrained=m", "batch_size": batch},
+                   "aim_cost": {"pretrained": "m", "aim": {"config": {}, "model_args": {"run": name}, "budget": budget}}}
+        (folder / "20261204_results.json").write_text(json.dumps(results))
+    report = study_check.compare(tmp_path)
+    reasons = {entry["run"]: entry["skipped"] for entry in report}
+    assert "latency budget" in reasons["run=latency"] and "--batch_size 4" in reasons["run=batched"]
+    assert study_check.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "run=latency: not compared" in out and "no run compared" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # The model's inputs through lmms-eval's path equal the study's
 # ---------------------------------------------------------------------------------------------

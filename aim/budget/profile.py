@@ -55,17 +55,7 @@ def _digest(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_fingerprint(config: Any, legacy: bool = False) -> dict:
-    """What identifies a model for a profile: its type, decoder shape and a hash of its config
-    (how it was loaded left out: the same weights loaded in bfloat16 are the same model).
-
-    `legacy`: the hash as profiles written before this rule took it (those keys dropped at the top
-    level only, so a sub-config's dtype counted); `Profile.check_model` still accepts it."""
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    if legacy:
-        data = {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS}
-    else:
-        data = _without_volatile(data)
+def _fingerprint(data: dict) -> dict:
     text = data.get("text_config") or data
     return {
         "model_type": data.get("model_type"),
@@ -73,6 +63,41 @@ def model_fingerprint(config: Any, legacy: bool = False) -> dict:
         "hidden_size": text.get("hidden_size"),
         "config_sha256_16": _digest(data),
     }
+
+
+def _config_dict(config: Any) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def model_fingerprint(config: Any, legacy: bool = False) -> dict:
+    """What identifies a model for a profile: its type, decoder shape and a hash of its config
+    (how it was loaded left out: the same weights loaded in bfloat16 are the same model).
+
+    `legacy`: the hash as profiles written before this rule took it (those keys dropped at the top
+    level only, so a sub-config's dtype counted; see `legacy_fingerprints`)."""
+    data = _config_dict(config)
+    if legacy:
+        return _fingerprint({k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS})
+    return _fingerprint(_without_volatile(data))
+
+
+LOAD_DTYPES = (None, "float32", "bfloat16", "float16")  # a sub-config's dtype as `to_dict` gives it
+
+
+def legacy_fingerprints(config: Any) -> list[dict]:
+    """The fingerprints profiles written before the current rule would hold for this model,
+    loaded in any usual dtype: those hashed a sub-config's ``dtype`` (None when the config was read
+    from disk, the loading dtype once the weights were loaded). `Profile.check_model` accepts each:
+    the dtype says how the model was loaded, not which model it is."""
+    data = {k: v for k, v in _config_dict(config).items() if k not in VOLATILE_CONFIG_KEYS}
+    found = []
+    for dtype in LOAD_DTYPES:
+        variant = {k: ({**v, **{key: dtype for key in ("dtype", "torch_dtype") if key in v}} if isinstance(v, dict) else v)
+                   for k, v in data.items()}
+        fingerprint = _fingerprint(variant)
+        if fingerprint not in found:
+            found.append(fingerprint)
+    return found
 
 
 @dataclass
@@ -164,7 +189,7 @@ class Profile:
     def check_model(self, config: Any) -> None:
         """A clear error when this profile was made for another model."""
         mine = model_fingerprint(config)
-        if mine != self.model and model_fingerprint(config, legacy=True) != self.model:
+        if mine != self.model and self.model not in legacy_fingerprints(config):
             raise ValueError(
                 f"this AIM profile was calibrated for another model ({self.model}), not this one ({mine}); "
                 "run `aim calibrate MODEL_PATH --out profile.json` for this model"

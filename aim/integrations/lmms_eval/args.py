@@ -243,8 +243,8 @@ def _budget(options: dict[str, Any], fields: dict[str, Any], switch: bool | None
     flops, ms, quantile = (None if v is None else _to_float(k, v) for k, v in
                            (("aim_budget", flops), ("aim_budget_ms", ms), ("aim_budget_quantile", quantile)))
     if flops is None and ms is None:
-        raise AIMArgumentError(f"{' and '.join(options)} only apply with a budget: add aim_budget=<fraction of "
-                               "the prefill FLOPs> or aim_budget_ms=<milliseconds>")
+        raise AIMArgumentError(f"{' and '.join(options)} appl{'ies' if len(options) == 1 else 'y'} only with a budget: "
+                               "add aim_budget=<fraction of the prefill FLOPs> or aim_budget_ms=<milliseconds>")
     if switch is False:
         raise AIMArgumentError("aim=off contradicts a budget (aim_budget / aim_budget_ms)")
     if fields:

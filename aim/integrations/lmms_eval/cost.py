@@ -41,7 +41,9 @@ class SampleCost:
     mode: str
     prefill_flops: int | None = None
     baseline_prefill_flops: int | None = None
-    # under a budget (`aim.budget`): the setting that ran, its predicted cost and the measured time
+    # under a budget (`aim.budget`), figures of the prefill this sample was in (its batch shares them):
+    # the setting that ran, its predicted cost (the largest over the batch) and the measured time
+    prefill: str | None = None  # which prefill (process id and count): several samples of a batch share one
     setting: str | None = None
     predicted_flops_fraction: float | None = None
     predicted_seconds: float | None = None
@@ -91,10 +93,12 @@ class CostTracker:
     samples: list[SampleCost] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     written_to: list[str] = field(default_factory=list)
+    _prefills: int = 0  # prefills recorded by this process
 
     def add_stats(self, stats: Any, tags: Sequence[tuple[str | None, int | None]] | None = None) -> list[SampleCost]:
         """Record every sample of one `aim.AIMStats` (one prefill); `tags` are (task, doc_id) per sample."""
         added = []
+        self._prefills += 1
         batch = len(stats.input_tokens)
         tags = list(tags or [])
         if len(tags) != batch:
@@ -110,6 +114,7 @@ class CostTracker:
             )
             choice = getattr(stats, "budget", None)
             if choice:  # one choice per prefill: the batch shares it
+                record.prefill = f"{os.getpid()}:{self._prefills}"
                 record.setting = str(choice["point"])
                 record.predicted_flops_fraction = float(choice["predicted_flops_fraction"])
                 record.predicted_seconds = float(choice["predicted_seconds"])
@@ -195,13 +200,17 @@ class CostTracker:
         if not chosen:
             return out
         n = len(chosen)
+        # per sample: the FLOPs fraction predicted for its prefill against the one counted from its tokens
         out["mean_predicted_flops_fraction"] = sum(s.predicted_flops_fraction for s in chosen) / n
         if all(s.prefill_flops is not None and s.baseline_prefill_flops for s in chosen):
             out["mean_flops_fraction"] = sum(s.prefill_flops / s.baseline_prefill_flops for s in chosen) / n
-        out["mean_predicted_ms"] = 1000.0 * sum(s.predicted_seconds for s in chosen) / n
-        out["mean_measured_ms"] = 1000.0 * sum(s.measured_seconds for s in chosen) / n
+        # per prefill: times (a batch is one prefill, one time)
+        prefills = list({s.prefill: s for s in chosen}.values())
+        out["prefills"] = len(prefills)
+        out["mean_predicted_ms"] = 1000.0 * sum(s.predicted_seconds for s in prefills) / len(prefills)
+        out["mean_measured_ms"] = 1000.0 * sum(s.measured_seconds for s in prefills) / len(prefills)
         if budget.get("ms") is not None:
-            out["within_budget"] = sum(1000.0 * s.measured_seconds <= budget["ms"] for s in chosen) / n
+            out["within_budget"] = sum(1000.0 * s.measured_seconds <= budget["ms"] for s in prefills) / len(prefills)
         return out
 
     def summary_line(self) -> str:

@@ -11,7 +11,8 @@ directory, as lmms-eval read it), then answers the same examples with the
 study's predictor (:func:`aim.study.evaluate.predict`, what :func:`aim.study.evaluate.evaluate`
 scores) on the same checkpoint patched with the same :class:`aim.AIMConfig`, and prints both,
 overall and per question kind. With ``--log_samples`` runs it also compares the answers example by
-example. Exit status 1 when a figure or an answer differs.
+example. Exit status 1 when a figure or an answer differs, or when no run could be compared
+(latency-budget runs, and budget runs batched by lmms-eval, are listed as not compared).
 
 The two decode differently: lmms-eval generates one token greedily over the whole vocabulary,
 from the processor's inputs (the clip decoded from its lossless file), one example at a time; the
@@ -47,6 +48,18 @@ class Run:
     answers: dict[int, str] | None = None  # doc_id (from the file's start) -> generated text (--log_samples)
     label: str = field(default="")
     budget: dict | None = None  # a budgeted run's budget (aim_budget): flops, ms, quantile, profile, interpolate_keeps
+    batch_size: str = "1"  # lmms-eval's --batch_size
+
+    def unsupported(self) -> str | None:
+        """Why this run cannot be reproduced here (None: it can)."""
+        if self.budget is None:
+            return None
+        if self.budget.get("ms") is not None:
+            return "a latency budget's choices depend on the timings of that run (study_check reproduces FLOPs budgets)"
+        if self.batch_size != "1":
+            return (f"a budget's choice fits every prompt of a batch, and lmms-eval batched these (--batch_size "
+                    f"{self.batch_size}) in its own order: run budgets with --batch_size 1 to check them")
+        return None
 
 
 def _model_args(text: str) -> dict[str, str]:
@@ -84,6 +97,7 @@ def find_runs(logs: Path) -> list[Run]:
             results_path=path, pretrained=pretrained, aim=cost["aim"]["config"],
             offset=int(config.get("offset") or 0), n=int(results["n-samples"][TASK]["effective"]),
             metrics=metrics, answers=answers, label=label, budget=cost["aim"].get("budget"),
+            batch_size=str(config.get("batch_size") or 1),
         ))
     return runs
 
@@ -111,10 +125,9 @@ def study_figures(run: Run, rows: list[dict], batch_size: int = 16, cache: dict 
     if run.pretrained not in cache:
         cache[run.pretrained] = load_default_model(run.pretrained)
     model, processor = cache[run.pretrained]
+    if run.unsupported():
+        raise ValueError(f"{run.results_path}: {run.unsupported()}")
     if run.budget is not None:
-        if run.budget.get("ms") is not None:
-            raise ValueError(f"{run.results_path}: a latency budget's choices depend on the timings of that run; "
-                             "study_check compares fixed settings and FLOPs budgets (aim_budget)")
         # one prompt at a time, as lmms-eval ran them: a budget's choice fits every prompt of a batch
         apply_aim(model, budget=run.budget["flops"], profile=run.budget.get("profile"),
                   interpolate_keeps=run.budget.get("interpolate_keeps", True))
@@ -147,6 +160,9 @@ def compare(outdir: str | Path, logs: str | Path | None = None, batch_size: int 
     cache: dict = {}
     report = []
     for run in runs:
+        if run.unsupported():
+            report.append({"results": str(run.results_path), "run": run.label, "skipped": run.unsupported()})
+            continue
         study = study_figures(run, rows, batch_size, cache)
         keys = [k for k in ("accuracy", "video_accuracy", "image_accuracy", *_kinds()) if k in study["metrics"]]
         differing = [k for k in keys if abs(run.metrics.get(k, float("nan")) - study["metrics"][k]) > 1e-9]
@@ -174,7 +190,13 @@ def _kinds() -> tuple[str, ...]:
 
 
 def format_report(report: list[dict]) -> str:
-    """One table: a row per metric, a column per run, each cell ``lmms-eval / study``."""
+    """One table: a row per metric, a column per run, each cell ``lmms-eval / study``; then the
+    runs that could not be reproduced, and why."""
+    skipped = [entry for entry in report if "skipped" in entry]
+    report = [entry for entry in report if "skipped" not in entry]
+    if not report:
+        return "\n".join([f"{entry['run']}: not compared: {entry['skipped']} ({entry['results']})" for entry in skipped]
+                         + ["no run compared"])
     width = max(15, *(len(entry["run"]) for entry in report))
     metrics = list(dict.fromkeys(key for entry in report for key in entry["lmms_eval"]))
     lines = ["accuracy: lmms-eval / aim.study.evaluate, same examples and settings",
@@ -199,6 +221,7 @@ def format_report(report: list[dict]) -> str:
     if any(e["differing_answers"] is None for e in report):
         lines.append("(runs without --log_samples: answers not compared one by one)")
     lines.extend(f"{entry['run']}: {entry['results']}" for entry in report)
+    lines.extend(f"{entry['run']}: not compared: {entry['skipped']} ({entry['results']})" for entry in skipped)
     same = all(not e["differing_metrics"] and not e["differing_answers"] for e in report)
     lines.append("lmms-eval and aim.study.evaluate agree" if same else "lmms-eval and aim.study.evaluate DIFFER (marked !)")
     return "\n".join(lines)
@@ -224,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         parser.exit(1, f"{parser.prog}: {error}\n")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    same = all(not e["differing_metrics"] and not e["differing_answers"] for e in report)
+    compared = [e for e in report if "skipped" not in e]
+    same = bool(compared) and all(not e["differing_metrics"] and not e["differing_answers"] for e in compared)
     return 0 if same else 1
 
 
