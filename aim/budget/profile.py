@@ -75,10 +75,15 @@ def model_fingerprint(config: Any, legacy: bool = False) -> dict:
 
     `legacy`: the hash as profiles written before this rule took it (those keys dropped at the top
     level only, so a sub-config's dtype counted; see `legacy_fingerprints`)."""
-    data = _config_dict(config)
     if legacy:
-        return _fingerprint({k: v for k, v in data.items() if k not in VOLATILE_CONFIG_KEYS})
-    return _fingerprint(_without_volatile(data))
+        return _fingerprint(_legacy_data(config))
+    return _fingerprint(_without_volatile(_config_dict(config)))
+
+
+def _legacy_data(config: Any) -> dict:
+    """The config dict as the rule before this one hashed it: `VOLATILE_CONFIG_KEYS` dropped at the
+    top level only."""
+    return {k: v for k, v in _config_dict(config).items() if k not in VOLATILE_CONFIG_KEYS}
 
 
 LOAD_DTYPES = (None, "float32", "bfloat16", "float16")  # a sub-config's dtype as `to_dict` gives it
@@ -89,7 +94,7 @@ def legacy_fingerprints(config: Any) -> list[dict]:
     loaded in any usual dtype: those hashed a sub-config's ``dtype`` (None when the config was read
     from disk, the loading dtype once the weights were loaded). `Profile.check_model` accepts each:
     the dtype says how the model was loaded, not which model it is."""
-    data = {k: v for k, v in _config_dict(config).items() if k not in VOLATILE_CONFIG_KEYS}
+    data = _legacy_data(config)
     found = []
     for dtype in LOAD_DTYPES:
         variant = {k: ({**v, **{key: dtype for key in ("dtype", "torch_dtype") if key in v}} if isinstance(v, dict) else v)

@@ -239,9 +239,8 @@ def _budget(options: dict[str, Any], fields: dict[str, Any], switch: bool | None
     """The budget options into `settings` (`aim.budget.Budget` checks the values)."""
     from aim.budget.select import Budget
 
-    flops, ms, quantile = (options.get(k) for k in ("aim_budget", "aim_budget_ms", "aim_budget_quantile"))
-    flops, ms, quantile = (None if v is None else _to_float(k, v) for k, v in
-                           (("aim_budget", flops), ("aim_budget_ms", ms), ("aim_budget_quantile", quantile)))
+    flops, ms, quantile = (None if options.get(key) is None else _to_float(key, options[key])
+                           for key in ("aim_budget", "aim_budget_ms", "aim_budget_quantile"))
     if flops is None and ms is None:
         raise AIMArgumentError(f"{' and '.join(options)} appl{'ies' if len(options) == 1 else 'y'} only with a budget: "
                                "add aim_budget=<fraction of the prefill FLOPs> or aim_budget_ms=<milliseconds>")

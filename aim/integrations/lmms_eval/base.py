@@ -100,7 +100,7 @@ class AIMModelMixin:
 
                 config = AutoConfig.from_pretrained(pretrained)
             except Exception:  # no config reachable here: apply_aim checks after loading
-                config = None
+                pass
         num_layers = _num_layers(config) if config is not None else None
         if num_layers and settings.budget is None:
             try:

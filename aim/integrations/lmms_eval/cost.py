@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -103,6 +104,12 @@ class CostTracker:
         tags = list(tags or [])
         if len(tags) != batch:
             tags = [(tags[-1][0] if tags else None, None)] * batch  # the task is shared by a batch
+        choice = getattr(stats, "budget", None)  # one choice per prefill: the batch shares it
+        chosen = dict(
+            prefill=f"{os.getpid()}:{self._prefills}", setting=str(choice["point"]),
+            predicted_flops_fraction=float(choice["predicted_flops_fraction"]),
+            predicted_seconds=float(choice["predicted_seconds"]), measured_seconds=float(choice["measured_seconds"]),
+        ) if choice else {}
         for i in range(batch):
             per_layer = [int(row[i]) for row in stats.tokens_per_layer]
             full = int(stats.input_tokens[i])
@@ -110,15 +117,8 @@ class CostTracker:
                 task=tags[i][0], doc_id=tags[i][1], input_tokens=full,
                 visual_tokens_before_merge=int(stats.visual_tokens_before_merge[i]),
                 visual_tokens_after_merge=int(stats.visual_tokens_after_merge[i]),
-                tokens_per_layer=per_layer, mode=str(stats.mode),
+                tokens_per_layer=per_layer, mode=str(stats.mode), **chosen,
             )
-            choice = getattr(stats, "budget", None)
-            if choice:  # one choice per prefill: the batch shares it
-                record.prefill = f"{os.getpid()}:{self._prefills}"
-                record.setting = str(choice["point"])
-                record.predicted_flops_fraction = float(choice["predicted_flops_fraction"])
-                record.predicted_seconds = float(choice["predicted_seconds"])
-                record.measured_seconds = float(choice["measured_seconds"])
             if self.counter is not None:
                 record.baseline_prefill_flops = self.counter([full] * len(per_layer))
                 # "mask" hides tokens but computes on all of them
@@ -192,9 +192,7 @@ class CostTracker:
         if not budget:
             return None
         chosen = [s for s in self.samples if s.setting is not None]
-        runs: dict[str, int] = {}
-        for s in chosen:
-            runs[s.setting] = runs.get(s.setting, 0) + 1
+        runs = Counter(s.setting for s in chosen)
         out = {"budget": budget.get("describe"), "samples": len(chosen),
                "settings_run": dict(sorted(runs.items(), key=lambda item: (-item[1], item[0])))}
         if not chosen:

@@ -125,8 +125,9 @@ def study_figures(run: Run, rows: list[dict], batch_size: int = 16, cache: dict 
     if run.pretrained not in cache:
         cache[run.pretrained] = load_default_model(run.pretrained)
     model, processor = cache[run.pretrained]
-    if run.unsupported():
-        raise ValueError(f"{run.results_path}: {run.unsupported()}")
+    reason = run.unsupported()
+    if reason:
+        raise ValueError(f"{run.results_path}: {reason}")
     if run.budget is not None:
         # one prompt at a time, as lmms-eval ran them: a budget's choice fits every prompt of a batch
         apply_aim(model, budget=run.budget["flops"], profile=run.budget.get("profile"),
@@ -160,8 +161,9 @@ def compare(outdir: str | Path, logs: str | Path | None = None, batch_size: int 
     cache: dict = {}
     report = []
     for run in runs:
-        if run.unsupported():
-            report.append({"results": str(run.results_path), "run": run.label, "skipped": run.unsupported()})
+        reason = run.unsupported()
+        if reason:
+            report.append({"results": str(run.results_path), "run": run.label, "skipped": reason})
             continue
         study = study_figures(run, rows, batch_size, cache)
         keys = [k for k in ("accuracy", "video_accuracy", "image_accuracy", *_kinds()) if k in study["metrics"]]
