@@ -60,6 +60,7 @@ def paired(on: list[bool], off: list[bool]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="study model folder (default: the shipped aim/default_model)")
     parser.add_argument("--examples", type=int, default=800, help="questions per split (default %(default)s)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
                         help="fractions of the unchanged model's LLM prefill FLOPs (default %(default)s)")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
 
-    model, processor = load_default_model()
+    model, processor = load_default_model(args.model)
     splits = {
         "validation": data.dataset("val", args.examples, start=CALIBRATION_CLIPS, kinds=data.VIDEO_KINDS),
         "test": data.dataset("test", args.examples, kinds=data.VIDEO_KINDS),
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, budget, flops, figures))
 
     n = args.examples
-    print(f"Proportional attention to merged tokens: trained default model, {n} video questions per split "
+    print(f"Proportional attention to merged tokens: {args.model or 'trained default model'}, {n} video questions per split "
           f"(validation clips {CALIBRATION_CLIPS}.. held out from the budget profile's calibration; test split)")
     for split in splits:
         accuracy = sum(unchanged[split]) / n
