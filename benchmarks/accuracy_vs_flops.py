@@ -377,12 +377,15 @@ def plot(path: str, runs, baseline, chance) -> None:
     plt = require("matplotlib.pyplot", "--plot")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in dict.fromkeys(r["method"] for r in runs):
+    # more methods than the 10 colours of matplotlib's cycle: past the tenth, another marker and
+    # a dashed line, so no two methods draw alike
+    for i, name in enumerate(dict.fromkeys(r["method"] for r in runs)):
         points = sorted(
             (r["result"]["prefill_flops"] / baseline["prefill_flops"], r["result"]["accuracy"])
             for r in runs if r["method"] == name and r["result"] is not None
         )
-        ax.plot([p[0] * 100 for p in points], [p[1] * 100 for p in points], marker="o",
+        ax.plot([p[0] * 100 for p in points], [p[1] * 100 for p in points], color=f"C{i % 10}",
+                marker="osD^"[i // 10 % 4], linestyle="-" if i < 10 else "--",
                 linewidth=2.2 if name == "AIM" else 1.2, label=name)
     ax.axhline(chance * 100, color="grey", linestyle=":", label="chance")
     ax.set_xscale("log")
