@@ -28,6 +28,7 @@ weights have no labels, so its accuracy column is agreement with the unchanged m
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import multiprocessing as mp
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="8 requests per phase (and 4 layers with --llm-heavy)")
     parser.add_argument("--llm-heavy", action="store_true",
                         help="a random-weight model whose LLM is most of the prefill, calibrated here (see above)")
+    parser.add_argument("--trace", default=None,
+                        help="also write every request of the three phases to this JSON file (phase, policy, order, "
+                             "prefill ms, budget ms, setting, correct): where the misses fall")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests = 8
@@ -238,7 +242,19 @@ def main(argv: list[str] | None = None) -> int:
               f"videos), the latency model predicts {frames_share:.0%}: a slowdown beyond "
               f"{args.budget_fraction / frames_share:.1f}x")
     report(base, budget_ms, fixed_name, phases, cores, args.quantile, torch.get_num_threads())
+    if args.trace:
+        write_trace(args.trace, phases, budget_ms)
     return 0
+
+
+def write_trace(path: str, phases, budget_ms: float) -> None:
+    """Every request in stream order (adaptive and fixed alternate within a phase)."""
+    rows = [{"phase": phase, "policy": policy, "order": i, "prefill_ms": 1000 * seconds if math.isfinite(seconds) else None,
+             "budget_ms": budget_ms, "setting": point, "correct": correct}
+            for phase, by_policy in phases for policy, results in by_policy.items()
+            for i, (seconds, correct, point) in enumerate(results)]
+    Path(path).write_text(json.dumps(rows, indent=1))
+    print(f"(trace of {len(rows)} requests: {path})")
 
 
 def fewest_frames_share(model, profile: Profile, inputs: dict) -> float | None:

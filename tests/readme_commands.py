@@ -77,6 +77,8 @@ CHECKS = [
     Check("python benchmarks/budget_latency.py", "python benchmarks/budget_latency.py --quick"),
     Check("python benchmarks/budget_latency.py --threads 1 --load-processes 2",
           "python benchmarks/budget_latency.py --threads 1 --load-processes 2 --quick"),
+    Check("python benchmarks/budget_latency.py --threads 1 --load-processes 2 --quantile 0.95",
+          "python benchmarks/budget_latency.py --threads 1 --load-processes 2 --quantile 0.95 --quick --trace {tmp}/trace.json"),
     Check("python benchmarks/budget_latency.py --threads 1 --load-processes 2 --budget-fraction 1.25",
           "python benchmarks/budget_latency.py --threads 1 --load-processes 2 --budget-fraction 1.25 --quick"),
     Check("python benchmarks/budget_latency.py --llm-heavy", "python benchmarks/budget_latency.py --llm-heavy --quick"),
