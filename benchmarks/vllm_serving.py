@@ -51,18 +51,19 @@ def _accuracy(clips, words) -> float:
     return sum(w == c.qa[0].answer.split(" ")[0] for c, w in zip(clips, words)) / len(clips)
 
 
-def _transformers_accuracy(model, processor, clips, config: AIMConfig | None) -> dict[str, float]:
-    """aim's transformers path under both position rules (the unchanged model when `config` is None)."""
-    accuracies = {}
+def _transformers_answers(model, processor, clips, config: AIMConfig | None) -> dict[str, list[str]]:
+    """aim's transformers path's answers under both position rules (the unchanged model when
+    `config` is None)."""
+    answers = {}
     for rule in ("contiguous", "destination"):
         if config is not None:
             apply_aim(model, config.replace(merged_positions=rule))
         try:
-            accuracies[rule] = _accuracy(clips, predict(model, processor, clips))
+            answers[rule] = predict(model, processor, clips)
         finally:
             if config is not None:
                 remove_aim(model)
-    return accuracies
+    return answers
 
 
 def _speed(served: dict, count: int) -> tuple[float, float, float, float]:
@@ -83,27 +84,37 @@ def study_table(args, model, processor, workdir: Path, model_dir: Path, kind: st
     kinds = data.VIDEO_KINDS if kind == "video" else tuple(k for k in data.KINDS if k not in data.VIDEO_KINDS)
     clips = data.dataset("test", args.clips, kinds=kinds)
     requests = study_requests(workdir, clips, processor, one_word=len(clips))
-    lines, agree = [], True
+    lines, agree, differing = [], True, []
     base_seconds = None
     for keep in [None, *args.merge_keep]:
         served = run_offline(args.vllm_python, model_dir, workdir, requests, keep, plugin=keep is not None,
                              repeats=args.repeats)
         speed = _speed(served, len(clips))
         base_seconds = base_seconds or speed[1]
-        accuracy = _accuracy(clips, [tokenizer.convert_ids_to_tokens(r["token_ids"][0]) for r in served["results"]])
+        words = [tokenizer.convert_ids_to_tokens(r["token_ids"][0]) for r in served["results"]]
+        accuracy = _accuracy(clips, words)
         config = AIMConfig(merge_keep=keep, prune=False) if keep is not None else None
-        tf = _transformers_accuracy(model, processor, clips, config)
+        answers = _transformers_answers(model, processor, clips, config)
+        tf = {rule: _accuracy(clips, said) for rule, said in answers.items()}
         agree &= abs(accuracy - tf["contiguous"]) < 1e-9
         name = "vLLM baseline" if keep is None else f"vLLM + aim merge {keep:.0%}"
+        # answers that differ, right or wrong: a near-tie shows up here even where the accuracies agree
+        differing += [f"  {name}, {kind} {i} (truth {clip.qa[0].answer!r}): vLLM {served_word!r}, transformers {tf_word!r}"
+                      for i, (clip, served_word, tf_word) in enumerate(zip(clips, words, answers["contiguous"]))
+                      if served_word != tf_word]
         lines.append(f"{_speed_row(name, speed, base_seconds)}{accuracy:>10.1%}{tf['contiguous']:>15.1%}{tf['destination']:>16.1%}")
     if kind == "video":
         for keep in args.merge_keep:
-            tf = _transformers_accuracy(model, processor, clips, AIMConfig(merge_keep=keep, merge_method="evs", prune=False))
+            answers = _transformers_answers(model, processor, clips, AIMConfig(merge_keep=keep, merge_method="evs", prune=False))
+            tf = {rule: _accuracy(clips, said) for rule, said in answers.items()}
             lines.append(f"{f'EVS {keep:.0%} (not served)':<24}{'-':>15}{'-':>9}{'-':>8}{'-':>14}{'-':>12}{'-':>10}"
                          f"{tf['contiguous']:>15.1%}{tf['destination']:>16.1%}")
     print(f"\nThe study model, {len(clips)} {kind} requests (study test clips of the {kind} tasks)")
     print(f"{HEADER}{'accuracy':>10}{'tf contiguous':>15}{'tf destination':>16}")
     print("\n".join(lines))
+    if differing:
+        print(f"answers where vLLM and the transformers path (contiguous positions) differ ({len(differing)}):")
+        print("\n".join(differing))
     return agree
 
 
