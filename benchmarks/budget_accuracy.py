@@ -35,7 +35,7 @@ import accuracy_vs_flops as avf  # noqa: E402
 
 from aim.budget import PROFILE_FILE, Profile  # noqa: E402
 from aim.study import data  # noqa: E402
-from aim.study.model import DEFAULT_MODEL_DIR, load_default_model  # noqa: E402
+from aim.study.model import load_default_model, study_model_dir  # noqa: E402
 
 BUDGETS = (0.75, 0.5, 0.25, 0.15, 0.10)
 FIXED = ("AIM", "merge only", "random drop", "uniform pool")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         args.examples, args.budgets, args.correlation_settings = 40, [0.5, 0.25], 6
     started = time.perf_counter()
     model, processor = load_default_model(args.model)
-    folder = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    folder = study_model_dir(args.model)
     profile = Profile.load(args.profile or folder / PROFILE_FILE)
     examples = data.dataset("test", args.examples, kinds=data.VIDEO_KINDS)
     spec = avf.describe(model, processor, examples)

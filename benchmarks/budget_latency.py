@@ -49,7 +49,7 @@ from aim import flops as F  # noqa: E402
 from aim.budget import PROFILE_FILE, Profile, Selector, calibrate, config_space  # noqa: E402
 from aim.budget.inputs import FRAME_KEEPS, video_prompt_specs  # noqa: E402
 from aim.study import data  # noqa: E402
-from aim.study.model import DEFAULT_MODEL_DIR, answer_token_ids, load_default_model, model_inputs, to_inputs  # noqa: E402
+from aim.study.model import answer_token_ids, load_default_model, model_inputs, study_model_dir, to_inputs  # noqa: E402
 from aim.tiny import build_tiny_model, make_inputs  # noqa: E402
 
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                      "agreement with the unchanged model's answer")
     else:
         model, processor = load_default_model(args.model)
-        folder = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+        folder = study_model_dir(args.model)
         profile = Profile.load(args.profile or folder / PROFILE_FILE)
         examples = data.dataset("test", 3 * args.requests, kinds=data.VIDEO_KINDS)
         requests = study_requests(model, processor, examples)

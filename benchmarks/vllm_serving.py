@@ -42,7 +42,7 @@ from aim.integrations.vllm.harness import run_offline, study_requests  # noqa: E
 from aim.integrations.vllm.offline import prepare_checkpoint  # noqa: E402
 from aim.study import data  # noqa: E402
 from aim.study.evaluate import predict  # noqa: E402
-from aim.study.model import DEFAULT_MODEL_DIR, load_default_model  # noqa: E402
+from aim.study.model import load_default_model, study_model_dir  # noqa: E402
 
 HEADER = (f"{'setting':<24}{'prompt tok/req':>15}{'batch s':>9}{'req/s':>8}{'prompt tok/s':>14}{'vs baseline':>12}")
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
           "destination positions (aim's default: a merged token keeps its destination's position; EVS survivors keep theirs)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        model_dir = prepare_checkpoint(Path(args.model) if args.model else DEFAULT_MODEL_DIR, workdir / "model")
+        model_dir = prepare_checkpoint(study_model_dir(args.model), workdir / "model")
         agree = all([study_table(args, model, processor, workdir, model_dir, kind) for kind in ("video", "image")])
         qwen_table(args, workdir)
     if not agree:

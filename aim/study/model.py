@@ -134,6 +134,11 @@ def _no_progress_bar():
             tf.utils.logging.enable_progress_bar()
 
 
+def study_model_dir(path: str | Path | None = None) -> Path:
+    """The folder of a trained study model: ``path``, or the shipped :data:`DEFAULT_MODEL_DIR`."""
+    return Path(path) if path is not None else DEFAULT_MODEL_DIR
+
+
 def load_default_model(path: str | Path | None = None, attn_implementation: str = "sdpa"):
     """Load the trained study model and its processor from ``path`` (default: the shipped
     :data:`DEFAULT_MODEL_DIR`); offline, in eval mode, on CPU.
@@ -143,7 +148,7 @@ def load_default_model(path: str | Path | None = None, attn_implementation: str 
         be built (torchvision installed, processor files saved), otherwise the saved tokenizer; both
         work with :func:`to_inputs`.
     """
-    path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    path = study_model_dir(path)
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"no trained study model in {path}; train one with `python -m aim.study.train`")
     with _no_progress_bar():  # a 5 MB model loads in milliseconds: a bar would only clutter reports
