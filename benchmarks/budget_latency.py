@@ -23,6 +23,7 @@ weights have no labels, so its accuracy column is agreement with the unchanged m
     python benchmarks/budget_latency.py               # the README's run
     python benchmarks/budget_latency.py --llm-heavy   # the LLM-heavy model
     python benchmarks/budget_latency.py --quick       # a smoke run
+    python benchmarks/budget_latency.py --no-jump     # the load correction without its one-call jump
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim import apply_aim, last_stats, remove_aim  # noqa: E402
 from aim import flops as F  # noqa: E402
-from aim.budget import PROFILE_FILE, Profile, Selector, calibrate, config_space  # noqa: E402
+from aim.budget import PROFILE_FILE, LoadTracker, Profile, Selector, calibrate, config_space  # noqa: E402
 from aim.budget.inputs import FRAME_KEEPS, video_prompt_specs  # noqa: E402
 from aim.study import data  # noqa: E402
 from aim.study.model import answer_token_ids, load_default_model, model_inputs, study_model_dir, to_inputs  # noqa: E402
@@ -57,6 +58,19 @@ SHOWN = 4  # settings listed per phase and policy, most frequent first
 # --llm-heavy: decoder layers, width, frame size (224 px: 196 tokens per frame), frames, text tokens
 HEAVY_LAYERS, HEAVY_HIDDEN, HEAVY_IMAGE_SIZE, HEAVY_FRAMES, HEAVY_TEXT = 12, 512, 224, 4, 24
 HEAVY_CALIBRATION_INPUTS = 4
+
+
+class Result(NamedTuple):
+    """One request's outcome: prefill seconds (inf when refused), whether it answered right, the
+    setting it ran, and (budgeted requests) what the choice predicted: the typical load-corrected
+    milliseconds, the load factor and the quantile's margin."""
+
+    seconds: float
+    correct: bool
+    point: str
+    predicted_ms: float | None = None
+    load_factor: float | None = None
+    margin: float | None = None
 
 
 @dataclass
@@ -118,10 +132,10 @@ def background_load(seconds: float, processes: int) -> list[mp.Process]:
     return procs
 
 
-def request(model, req: Request, **call) -> tuple[float, bool, str]:
-    """One request: the prefill with its answer read from the logits; (seconds, correct, point). A
-    request aim refuses (its budget below the cheapest setting even at this machine's quiet speed)
-    counts as a miss without an answer: (inf, False, "refused")."""
+def request(model, req: Request, **call) -> Result:
+    """One request: the prefill with its answer read from the logits. A request aim refuses (its
+    budget below the cheapest setting even at this machine's quiet speed) counts as a miss without
+    an answer: ``Result(inf, False, "refused")``."""
     inputs = req.inputs()
     start = time.perf_counter()
     try:
@@ -130,13 +144,15 @@ def request(model, req: Request, **call) -> tuple[float, bool, str]:
     except ValueError as error:
         if "below the cheapest" not in str(error):
             raise
-        return math.inf, False, "refused"
+        return Result(math.inf, False, "refused")
     seconds = time.perf_counter() - start
     stats = last_stats(model)
-    point = stats.budget["point"] if stats is not None and stats.budget else "fixed"
-    if stats is not None and stats.budget and stats.budget["frame_keep"] < 1.0:
-        point += f", frames {stats.budget['frame_keep']:g}"
-    return seconds, req.correct(logits), point
+    budget = stats.budget if stats is not None and stats.budget else None
+    if budget is None:
+        return Result(seconds, req.correct(logits), "fixed")
+    point = budget["point"] + (f", frames {budget['frame_keep']:g}" if budget["frame_keep"] < 1.0 else "")
+    return Result(seconds, req.correct(logits), point, 1000 * budget["predicted_seconds"], budget["load_factor"],
+                  budget["margin"])
 
 
 def quiet_choice(model, requests: list[Request], budget_ms: float, profile: Profile, quantile: float):
@@ -145,7 +161,7 @@ def quiet_choice(model, requests: list[Request], budget_ms: float, profile: Prof
     slower than the budget assumed), the fastest frontier point, so the comparison still runs."""
     runs: dict[str, tuple[int, object]] = {}
     for req in requests:
-        _, _, point = request(model, req, aim_budget_ms=budget_ms, aim_budget_quantile=quantile)
+        point = request(model, req, aim_budget_ms=budget_ms, aim_budget_quantile=quantile).point
         stats = last_stats(model)
         if point != "refused" and stats is not None and stats.budget:
             count, _ = runs.get(point, (0, None))
@@ -175,9 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="8 requests per phase (and 4 layers with --llm-heavy)")
     parser.add_argument("--llm-heavy", action="store_true",
                         help="a random-weight model whose LLM is most of the prefill, calibrated here (see above)")
+    parser.add_argument("--no-jump", action="store_true",
+                        help="the load correction without its one-call jump (a slowdown is followed after two slow "
+                             "prefills in a row, as before the jump was added): for comparison")
     parser.add_argument("--trace", default=None,
                         help="also write every request of the three phases to this JSON file (phase, policy, order, "
-                             "prefill ms, budget ms, setting, correct): where the misses fall")
+                             "prefill ms, budget ms, setting, correct; for adaptive requests the predicted ms, load "
+                             "factor and margin of the choice): where the misses fall")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests = 8
@@ -203,9 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     apply_aim(model, enabled=False)
     for req in requests[:3]:
         request(model, req)
-    base = statistics.median(request(model, req)[0] for req in requests[:9])
+    base = statistics.median(request(model, req).seconds for req in requests[:9])
     budget_ms = 1000 * base * args.budget_fraction
     apply_aim(model, profile=profile)
+    if args.no_jump:
+        # the model's own selector (one per patched model); a fresh tracker, as apply_aim made it
+        model._aim.selector.load = LoadTracker(jump=0)
     # the profile's latency model was fitted on the machine that calibrated it; a few quiet requests
     # under a generous budget let the load correction learn this machine's speed first (without them a
     # faster machine would see the budget refused as below the cheapest setting's predicted time)
@@ -248,11 +271,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_trace(path: str, phases, budget_ms: float) -> None:
-    """Every request in stream order (adaptive and fixed alternate within a phase)."""
-    rows = [{"phase": phase, "policy": policy, "order": i, "prefill_ms": 1000 * seconds if math.isfinite(seconds) else None,
-             "budget_ms": budget_ms, "setting": point, "correct": correct}
+    """Every request in stream order (adaptive and fixed alternate within a phase); an adaptive
+    request also with what its choice predicted (typical ms, load factor, margin)."""
+    rows = [{"phase": phase, "policy": policy, "order": i,
+             "prefill_ms": 1000 * r.seconds if math.isfinite(r.seconds) else None, "budget_ms": budget_ms,
+             "setting": r.point, "correct": r.correct, "predicted_ms": r.predicted_ms, "load_factor": r.load_factor,
+             "margin": r.margin}
             for phase, by_policy in phases for policy, results in by_policy.items()
-            for i, (seconds, correct, point) in enumerate(results)]
+            for i, r in enumerate(results)]
     Path(path).write_text(json.dumps(rows, indent=1))
     print(f"(trace of {len(rows)} requests: {path})")
 
@@ -291,22 +317,22 @@ def report(base: float, budget_ms: float, fixed_name: str, phases, cores: int, q
     print(f"{'phase':<12} {'policy':<9} {'within budget':>14} {'p50 / budget':>13} {'p90 / budget':>13} {'accuracy':>9}  settings run")
     for phase, rows in phases:
         for policy, results in rows.items():
-            ratios = sorted(1000 * s / budget_ms for s, _, _ in results)
+            ratios = sorted(1000 * r.seconds / budget_ms for r in results)
             within = sum(r <= 1.0 for r in ratios) / len(ratios)
             p50 = ratios[len(ratios) // 2]
             p90 = ratios[min(len(ratios) - 1, int(0.9 * len(ratios)))]
-            accuracy = sum(ok for _, ok, _ in results) / len(results)
+            accuracy = sum(r.correct for r in results) / len(results)
             counts: dict[str, int] = {}
-            for _, _, point in results:
-                counts[point] = counts.get(point, 0) + 1
+            for r in results:
+                counts[r.point] = counts.get(r.point, 0) + 1
             common = sorted(counts.items(), key=lambda kv: -kv[1])
             shown = "; ".join(f"{k} x{v}" for k, v in common[:SHOWN])
             if len(common) > SHOWN:  # keep fractions solved per request vary with the load estimate
                 shown += f"; {len(common) - SHOWN} other settings x{sum(v for _, v in common[SHOWN:])}"
             print(f"{phase:<12} {policy:<9} {within:>14.0%} {p50:>13.2f} {p90:>13.2f} {accuracy:>9.1%}  {shown}")
     loaded = dict(phases[1][1])
-    adaptive_within = sum(1000 * s <= budget_ms for s, _, _ in loaded["adaptive"]) / len(loaded["adaptive"])
-    fixed_within = sum(1000 * s <= budget_ms for s, _, _ in loaded["fixed"]) / len(loaded["fixed"])
+    adaptive_within = sum(1000 * r.seconds <= budget_ms for r in loaded["adaptive"]) / len(loaded["adaptive"])
+    fixed_within = sum(1000 * r.seconds <= budget_ms for r in loaded["fixed"]) / len(loaded["fixed"])
     print(f"\nGoal: >= 90% of requests within budget under load: adaptive {adaptive_within:.0%} "
           f"({'met' if adaptive_within >= 0.9 else 'NOT met'}), fixed {fixed_within:.0%}")
 

@@ -79,6 +79,8 @@ CHECKS = [
           "python benchmarks/budget_latency.py --threads 1 --load-processes 2 --quick"),
     Check("python benchmarks/budget_latency.py --threads 1 --load-processes 2 --quantile 0.95",
           "python benchmarks/budget_latency.py --threads 1 --load-processes 2 --quantile 0.95 --quick --trace {tmp}/trace.json"),
+    Check("python benchmarks/budget_latency.py --threads 1 --load-processes 2 --no-jump",
+          "python benchmarks/budget_latency.py --threads 1 --load-processes 2 --no-jump --quick"),
     Check("python benchmarks/budget_latency.py --threads 1 --load-processes 2 --budget-fraction 1.25",
           "python benchmarks/budget_latency.py --threads 1 --load-processes 2 --budget-fraction 1.25 --quick"),
     Check("python benchmarks/budget_latency.py --llm-heavy", "python benchmarks/budget_latency.py --llm-heavy --quick"),

@@ -148,26 +148,44 @@ def test_a_slowdown_inside_the_dead_band_raises_the_margin_at_once():
         math.exp(NormalDist().inv_cdf(0.9) * math.sqrt(faster.spread)))
 
 
-@pytest.mark.parametrize("step", [1.7, 3.0, 5.0])
+@pytest.mark.parametrize("step", [1.4, 1.45])
 def test_a_step_of_load_is_followed_after_two_calls(step):
     """Two calls in a row beyond the band (and the noise) move the factor to the new load at once,
     also when the first of them already moved it part of the way; the moving average alone is
-    still short of it after six calls."""
+    still short of it after six calls. (Steps below the one-call jump's 1.5x.)"""
     tracker = LoadTracker()
     for _ in range(10):
         tracker.observe(1.0, 1.0)
     tracker.observe(step, 1.0)
-    assert tracker.factor < 0.8 * step  # one call: at most the moving average's part of the way
+    assert tracker.factor < 0.9 * step  # one call: at most the moving average's part of the way
     tracker.observe(step, 1.0)
     assert tracker.factor == pytest.approx(step)
-    lagging = LoadTracker(confirm=0)  # the moving average alone
+    lagging = LoadTracker(confirm=0, jump=0)  # the moving average alone
     for ratio in [1.0] * 10 + [step] * 6:
         lagging.observe(ratio, 1.0)
-    assert lagging.factor < 0.9 * step
+    assert lagging.factor < 0.95 * step
+
+
+@pytest.mark.parametrize("step", [1.7, 3.0, 5.0])
+def test_a_large_step_of_load_is_followed_after_one_call(step):
+    """One call 1.5 times slower than the factor (beyond the noise) moves it at once: the request
+    after a load arrives is the one most likely to miss. Without the jump it takes two calls."""
+    tracker = LoadTracker()
+    for _ in range(10):
+        tracker.observe(1.0, 1.0)
+    tracker.observe(step, 1.0)
+    assert tracker.factor == pytest.approx(step)
+    waiting = LoadTracker(jump=0)
+    for _ in range(10):
+        waiting.observe(1.0, 1.0)
+    waiting.observe(step, 1.0)
+    assert waiting.factor < 0.8 * step
+    waiting.observe(step, 1.0)
+    assert waiting.factor == pytest.approx(step)
 
 
 def test_slow_calls_not_in_a_row_leave_the_factor_to_the_average_and_a_speed_up_still_waits():
-    tracker = LoadTracker()
+    tracker = LoadTracker(jump=0)  # 1.7x would move it in one call (the test above)
     for _ in range(10):
         tracker.observe(1.0, 1.0)
     average = 1.0
@@ -183,8 +201,20 @@ def test_slow_calls_not_in_a_row_leave_the_factor_to_the_average_and_a_speed_up_
     assert steady.factor == pytest.approx(1.7)
 
 
+def test_a_jump_below_the_dead_band_is_a_clear_error():
+    with pytest.raises(ValueError, match="dead band"):
+        LoadTracker(jump=1.2)
+    assert LoadTracker(jump=0).jump == 0
+
+
 def test_a_noisy_machine_needs_a_larger_slowdown_to_move_the_factor_at_once():
     rng = random.Random(1)
+    tracker = LoadTracker()
+    for _ in range(300):
+        tracker.observe(math.exp(rng.gauss(0.0, 0.3)), 1.0)
+    before = tracker.factor
+    tracker.observe(2.5 * before, 1.0)  # 2.5x: beyond the one-call jump's 1.5x, not this noise's 99% quantile on top
+    assert tracker.factor < 1.6 * before
     tracker = LoadTracker()
     for _ in range(300):
         tracker.observe(math.exp(rng.gauss(0.0, 0.3)), 1.0)

@@ -7,7 +7,11 @@ when the load ends, without flapping on noise. A slowdown is followed faster tha
 deadline cannot wait): when two calls in a row measure ratios beyond the band and beyond the
 measured noise (its 90% quantile), the factor moves to their geometric mean at once, where the
 moving average would take several calls (and, once the factor had moved part of the way, leave
-the rest to the margin below). The first few measured ratios replace the 1.0 prior outright
+the rest to the margin below). One call far beyond it (`jump` times the factor, beyond the
+noise's 99% quantile, so that a rare tail of steady noise does not move it) moves it to that
+call's ratio at once: the request after a load arrives is the one most likely to miss, and
+waiting for a second slow call cost about one more miss per load onset (README, "Latency budgets
+under contention"). The first few measured ratios replace the 1.0 prior outright
 (their plain mean is the factor): the profile's latency model was fitted on the machine (and at
 the moment) of calibration, and the first calls tell how fast this one is.
 
@@ -41,13 +45,22 @@ class LoadTracker:
             with each call).
         confirm: successive calls whose ratios must all pass ``factor * (1 + band)`` times the
             noise quantile `attack_quantile` of the spread for the factor to move to their
-            geometric mean at once (a slowdown); 0 turns this off (the moving average alone).
+            geometric mean at once (a slowdown); 0 turns this off.
+        jump: one call whose ratio passes ``factor * jump`` times the noise quantile
+            `jump_quantile` of the spread moves the factor to its ratio at once (a slowdown too
+            large to wait for a second call); 0 turns this off. With both off, the moving average
+            alone follows a slowdown.
     """
 
     def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5, spread_alpha: float = 0.1,
-                 confirm: int = 2, attack_quantile: float = 0.9) -> None:
+                 confirm: int = 2, attack_quantile: float = 0.9, jump: float = 1.5,
+                 jump_quantile: float = 0.99) -> None:
+        if jump and jump < 1 + band:
+            raise ValueError(f"a one-call jump must need a larger slowdown than the dead band's 1 + band = "
+                             f"{1 + band:g}, got jump={jump!r} (0 turns it off)")
         self.alpha, self.band, self.warmup, self.spread_alpha = alpha, band, warmup, spread_alpha
         self.confirm, self.attack_z = confirm, NormalDist().inv_cdf(attack_quantile)
+        self.jump, self.jump_z = jump, NormalDist().inv_cdf(jump_quantile)
         self._above: list[float] = []  # log ratios of the latest calls in a row beyond the attack threshold
         self.average = 1.0
         self.factor = 1.0
@@ -79,9 +92,11 @@ class LoadTracker:
                 self.level = sum(logs) / len(logs)
                 return
             log = math.log(ratio)
-            # the attack threshold: the factor in use and the noise measured before this call (a
+            # the attack thresholds: the factor in use and the noise measured before this call (a
             # step of load enters the spread once, as one large successive difference)
-            threshold = math.log(self.factor * (1 + self.band)) + self.attack_z * math.sqrt(self.spread)
+            deviation = math.sqrt(self.spread)
+            threshold = math.log(self.factor * (1 + self.band)) + self.attack_z * deviation
+            far = bool(self.jump) and log > math.log(self.factor * self.jump) + self.jump_z * deviation
             self._above = self._above + [log] if self.confirm and log > threshold else []
             self.average = (1 - self.alpha) * self.average + self.alpha * ratio
             # successive differences (von Neumann): a change of load is one large step, not a long
@@ -92,9 +107,10 @@ class LoadTracker:
             self._last_log = log
             self.level = (1 - self.spread_alpha) * self.level + self.spread_alpha * log
             confirmed = self.confirm and len(self._above) >= self.confirm
-            attack = math.exp(sum(self._above) / len(self._above)) if confirmed else 0.0
+            attack = math.exp(sum(self._above) / len(self._above)) if confirmed else ratio if far else 0.0
             if attack > self.factor:
-                # a slowdown several calls in a row confirm: follow it now, not over the average's lag
+                # a slowdown several calls in a row confirm, or one call far beyond the factor:
+                # follow it now, not over the average's lag
                 self.factor = self.average = attack
                 self._above = []
             elif not self.factor / (1 + self.band) <= self.average <= self.factor * (1 + self.band):
