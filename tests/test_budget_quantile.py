@@ -193,18 +193,52 @@ def test_slow_calls_not_in_a_row_leave_the_factor_to_the_average_and_a_speed_up_
         tracker.observe(ratio, 1.0)
         average = 0.7 * average + 0.3 * ratio
     assert tracker.factor == pytest.approx(average) and average < 1.4
-    steady = LoadTracker()
-    for ratio in [1.0] * 10 + [1.7] * 2:
+    steady = LoadTracker(jump=0)
+    for ratio in [1.0] * 10 + [1.7] * 2:  # two in a row
         steady.observe(ratio, 1.0)
     assert steady.factor == pytest.approx(1.7)
     steady.observe(1.0, 1.0)  # load gone: average 1.49, inside the band around 1.7
     assert steady.factor == pytest.approx(1.7)
 
 
-def test_a_jump_below_the_dead_band_is_a_clear_error():
+def test_a_far_call_after_a_milder_slow_one_moves_the_factor_to_its_own_ratio():
+    """A slow call beyond the band before a far one must not pull the jump down to their mean."""
+    tracker = LoadTracker()
+    for ratio in [1.0] * 10 + [1.4, 5.0]:
+        tracker.observe(ratio, 1.0)
+    assert tracker.factor == pytest.approx(5.0)
+    alone = LoadTracker(confirm=0)  # the jump works without the two-in-a-row rule
+    for ratio in [1.0] * 10 + [5.0]:
+        alone.observe(ratio, 1.0)
+    assert alone.factor == pytest.approx(5.0)
+
+
+def test_warmup_calls_set_the_factor_by_their_mean_not_by_a_jump():
+    tracker = LoadTracker(warmup=5)
+    for ratio in (1.0, 4.0):  # a slow second call while warming up
+        tracker.observe(ratio, 1.0)
+    assert tracker.factor == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("jump", [1.2, 1.25, float("nan")])
+def test_a_jump_not_beyond_the_dead_band_is_a_clear_error(jump):
     with pytest.raises(ValueError, match="dead band"):
-        LoadTracker(jump=1.2)
-    assert LoadTracker(jump=0).jump == 0
+        LoadTracker(jump=jump)
+
+
+@pytest.mark.parametrize("quantile", [0.5, 1.0])
+def test_a_jump_quantile_outside_its_range_is_a_clear_error(quantile):
+    with pytest.raises(ValueError, match="jump_quantile"):
+        LoadTracker(jump_quantile=quantile)
+
+
+def test_measurements_that_are_not_finite_are_ignored():
+    tracker = LoadTracker()
+    for _ in range(10):
+        tracker.observe(1.0, 1.0)
+    for measured in (float("inf"), float("nan")):
+        tracker.observe(measured, 1.0)
+    assert tracker.factor == pytest.approx(1.0) and tracker.observations == 10
 
 
 def test_a_noisy_machine_needs_a_larger_slowdown_to_move_the_factor_at_once():

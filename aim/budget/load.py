@@ -9,9 +9,12 @@ measured noise (its 90% quantile), the factor moves to their geometric mean at o
 moving average would take several calls (and, once the factor had moved part of the way, leave
 the rest to the margin below). One call far beyond it (`jump` times the factor, beyond the
 noise's 99% quantile, so that a rare tail of steady noise does not move it) moves it to that
-call's ratio at once: the request after a load arrives is the one most likely to miss, and
-waiting for a second slow call cost about one more miss per load onset (README, "Latency budgets
-under contention"). The first few measured ratios replace the 1.0 prior outright
+call's ratio at once. It was meant for the request after a load arrives; measured, it did not
+save those (the first seconds of a load are the heaviest, where even the cheapest setting
+misses), but the factor then comes down from the onset's level through the dead band, and the
+rest of the load missed about half as often (README, "Latency budgets under contention"). The
+price: one isolated outlier (a pause of the process) also moves the factor, and cheaper settings
+run for the few calls the moving average takes to bring it back. The first few measured ratios replace the 1.0 prior outright
 (their plain mean is the factor): the profile's latency model was fitted on the machine (and at
 the moment) of calibration, and the first calls tell how fast this one is.
 
@@ -55,9 +58,12 @@ class LoadTracker:
     def __init__(self, alpha: float = 0.3, band: float = 0.25, warmup: int = 5, spread_alpha: float = 0.1,
                  confirm: int = 2, attack_quantile: float = 0.9, jump: float = 1.5,
                  jump_quantile: float = 0.99) -> None:
-        if jump and jump < 1 + band:
+        if jump != 0 and not jump > 1 + band:
             raise ValueError(f"a one-call jump must need a larger slowdown than the dead band's 1 + band = "
                              f"{1 + band:g}, got jump={jump!r} (0 turns it off)")
+        if not 0.5 < jump_quantile < 1.0:
+            raise ValueError(f"jump_quantile is the noise quantile a one-call jump must pass, in (0.5, 1), "
+                             f"got {jump_quantile!r}")
         self.alpha, self.band, self.warmup, self.spread_alpha = alpha, band, warmup, spread_alpha
         self.confirm, self.attack_z = confirm, NormalDist().inv_cdf(attack_quantile)
         self.jump, self.jump_z = jump, NormalDist().inv_cdf(jump_quantile)
@@ -73,8 +79,8 @@ class LoadTracker:
         self._lock = threading.Lock()  # one model, many threads
 
     def observe(self, measured: float, predicted: float) -> None:
-        if predicted <= 0 or measured <= 0:
-            return
+        if not (predicted > 0 and measured > 0 and math.isfinite(measured / predicted)):
+            return  # (also NaN and inf: one would hold the factor there for good)
         with self._lock:
             ratio = measured / predicted
             self.observations += 1
@@ -107,7 +113,8 @@ class LoadTracker:
             self._last_log = log
             self.level = (1 - self.spread_alpha) * self.level + self.spread_alpha * log
             confirmed = self.confirm and len(self._above) >= self.confirm
-            attack = math.exp(sum(self._above) / len(self._above)) if confirmed else ratio if far else 0.0
+            # a far call moves the factor to its own ratio, also when a milder slow call came before it
+            attack = max(math.exp(sum(self._above) / len(self._above)) if confirmed else 0.0, ratio if far else 0.0)
             if attack > self.factor:
                 # a slowdown several calls in a row confirm, or one call far beyond the factor:
                 # follow it now, not over the average's lag
