@@ -51,6 +51,11 @@ def _accuracy(clips, words) -> float:
     return sum(w == c.qa[0].answer.split(" ")[0] for c, w in zip(clips, words)) / len(clips)
 
 
+def _rule_accuracies(clips, answers: dict[str, list[str]]) -> dict[str, float]:
+    """Accuracy per position rule from `_transformers_answers`."""
+    return {rule: _accuracy(clips, said) for rule, said in answers.items()}
+
+
 def _transformers_answers(model, processor, clips, config: AIMConfig | None) -> dict[str, list[str]]:
     """aim's transformers path's answers under both position rules (the unchanged model when
     `config` is None)."""
@@ -95,7 +100,7 @@ def study_table(args, model, processor, workdir: Path, model_dir: Path, kind: st
         accuracy = _accuracy(clips, words)
         config = AIMConfig(merge_keep=keep, prune=False) if keep is not None else None
         answers = _transformers_answers(model, processor, clips, config)
-        tf = {rule: _accuracy(clips, said) for rule, said in answers.items()}
+        tf = _rule_accuracies(clips, answers)
         agree &= abs(accuracy - tf["contiguous"]) < 1e-9
         name = "vLLM baseline" if keep is None else f"vLLM + aim merge {keep:.0%}"
         # answers that differ, right or wrong: a near-tie shows up here even where the accuracies agree
@@ -106,7 +111,7 @@ def study_table(args, model, processor, workdir: Path, model_dir: Path, kind: st
     if kind == "video":
         for keep in args.merge_keep:
             answers = _transformers_answers(model, processor, clips, AIMConfig(merge_keep=keep, merge_method="evs", prune=False))
-            tf = {rule: _accuracy(clips, said) for rule, said in answers.items()}
+            tf = _rule_accuracies(clips, answers)
             lines.append(f"{f'EVS {keep:.0%} (not served)':<24}{'-':>15}{'-':>9}{'-':>8}{'-':>14}{'-':>12}{'-':>10}"
                          f"{tf['contiguous']:>15.1%}{tf['destination']:>16.1%}")
     print(f"\nThe study model, {len(clips)} {kind} requests (study test clips of the {kind} tasks)")

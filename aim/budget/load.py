@@ -14,9 +14,10 @@ save those (the first seconds of a load are the heaviest, where even the cheapes
 misses), but the factor then comes down from the onset's level through the dead band, and the
 rest of the load missed about half as often (README, "Latency budgets under contention"). The
 price: one isolated outlier (a pause of the process) also moves the factor, and cheaper settings
-run for the few calls the moving average takes to bring it back. The first few measured ratios replace the 1.0 prior outright
-(their plain mean is the factor): the profile's latency model was fitted on the machine (and at
-the moment) of calibration, and the first calls tell how fast this one is.
+run for the few calls the moving average takes to bring it back. The first few measured ratios
+replace the 1.0 prior outright (their plain mean is the factor): the profile's latency model was
+fitted on the machine (and at the moment) of calibration, and the first calls tell how fast this
+one is.
 
 A latency budget holds for a quantile of prefills (default 0.9): the typical (load-corrected)
 prediction is raised by a margin, the log-normal quantile of the measured spread of the ratio,
